@@ -115,17 +115,20 @@ FINDINGS: tuple[Finding, ...] = (
 FINDING_NAMES: tuple[str, ...] = tuple(f.name for f in FINDINGS)
 _BY_NAME = {f.name: f for f in FINDINGS}
 
-NORMAL_SENTENCES: tuple[str, ...] = (
-    "The lungs are clear.",
-    "No focal consolidation.",
-    "No pleural effusion or pneumothorax.",
-    "Heart size is normal.",
-    "The cardiomediastinal silhouette is within normal limits.",
-    "No acute cardiopulmonary process.",
-    "There is no evidence of pneumothorax.",
-    "The costophrenic angles are sharp.",
+NORMAL_SENTENCES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("The lungs are clear.", ("consolidation", "nodule", "mass", "atelectasis")),
+    ("No focal consolidation.", ("consolidation",)),
+    ("No pleural effusion or pneumothorax.", ("pleural effusion", "pneumothorax")),
+    ("Heart size is normal.", ("cardiomegaly",)),
+    ("The cardiomediastinal silhouette is within normal limits.", ("cardiomegaly",)),
+    ("No acute cardiopulmonary process.", FINDING_NAMES),
+    ("There is no evidence of pneumothorax.", ("pneumothorax",)),
+    ("The costophrenic angles are sharp.", ("pleural effusion",)),
+    ("No suspicious pulmonary nodule or mass.", ("nodule", "mass")),
+    ("No atelectasis.", ("atelectasis",)),
 )
-"""Sentences of a normal report, each negating or not mentioning one or more findings."""
+"""Sentences of normal reports, each with the findings it negates (a sentence is only used when
+none of them is present)."""
 
 NEGATION_CUES: tuple[str, ...] = (
     "no ", "without ", "negative for ", "free of ", "no evidence of ", "resolved", "not seen",

@@ -1,0 +1,160 @@
+"""Anatomy-VLM Label: the MONAI Label app for chest X-ray anatomy.
+
+Start it with ``./scripts/serve.sh`` or::
+
+    monailabel start_server --app apps/anatomy_vlm --studies data/demo/studies \\
+        --host 127.0.0.1 --port 8000 [--conf checkpoint PATH] [--conf models anatomy_detection]
+
+App conf (``--conf KEY VALUE``):
+    checkpoint: model checkpoint file (default ``apps/anatomy_vlm/model/anatomy_vlm.pt``).
+    models: ``all`` (default) or a comma-separated list of task names from ``lib.configs.CONFIGS``.
+
+Layout as in MONAI Label's sample apps: ``lib/configs`` holds one ``TaskConfig`` per task,
+``lib/infers`` / ``lib/trainers`` / ``lib/activelearning`` the thin adapters over the
+``anatomy_vlm`` library. Labels, ids and colours come from the registry
+(``anatomy_vlm.anatomy``), never from this app.
+
+Datastore (a local studies folder): images ``*.dcm``, ``*.png``, ``*.jpg`` (and ``*.nii.gz``) in
+the folder itself; labels in ``labels/<tag>/``: ``labels/final/<id>.nii.gz`` region masks and
+``labels/boxes/<id>.boxes.json`` boxes. The app configures those extensions itself (MONAI Label's
+default list has no ``*.dcm``), so no ``MONAI_LABEL_DATASTORE_FILE_EXT`` is needed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import logging
+import os
+import sys
+from typing import Dict, Iterable, List
+
+try:
+    import anatomy_vlm
+except ImportError:  # the library is not installed in this Python: use the repository checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    import anatomy_vlm
+
+from anatomy_vlm.anatomy import REGIONS, REGISTRY_VERSION, label_map
+from lib.activelearning import First, Random
+from lib.configs import CONFIGS, AnatomyTaskConfig
+
+from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+
+logger = logging.getLogger(__name__)
+
+APP_EXTENSIONS: tuple[str, ...] = ("*.dcm", "*.png", "*.jpg", "*.nii.gz", "*.boxes.json")
+"""File patterns the local datastore lists, in the studies folder and in every ``labels/<tag>/``.
+
+Boxes are ``*.boxes.json``, not ``*.json``: patterns are ``fnmatch``-ed against every file name in
+the studies folder, and ``*.json`` would also match the datastore's own index file."""
+
+_DATASTORE_INDEX = inspect.signature(LocalDatastore.__init__).parameters["datastore_config"].default
+
+
+def datastore_extensions(extra: Iterable[str] = ()) -> List[str]:
+    """The app's patterns followed by any others (e.g. from ``MONAI_LABEL_DATASTORE_FILE_EXT``),
+    without duplicates and without patterns that would list the datastore's index file."""
+    out: List[str] = []
+    for pattern in (*APP_EXTENSIONS, *extra):
+        if pattern in out:
+            continue
+        if fnmatch.fnmatch(_DATASTORE_INDEX, pattern):
+            logger.warning(f"ignoring datastore pattern {pattern!r}: it matches {_DATASTORE_INDEX}")
+            continue
+        out.append(pattern)
+    return out
+
+
+def select_models(spec: str) -> List[str]:
+    """Task names from the ``models`` conf value (``all`` or comma-separated names).
+
+    Raises:
+        ValueError: when a name is not a known task.
+    """
+    names = [n.strip() for n in (spec or "all").split(",") if n.strip()]
+    if not names or "all" in names:
+        return list(CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown} in --conf models; available: all, {', '.join(CONFIGS)}")
+    return names
+
+
+class AnatomyVLMApp(MONAILabelApp):
+    """The MONAI Label app: 29-region chest X-ray anatomy (boxes and masks).
+
+    Args:
+        app_dir: This directory (``apps/anatomy_vlm``).
+        studies: Studies folder (local datastore) or a DICOMweb URL.
+        conf: App conf, string values (see the module docstring).
+    """
+
+    def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
+        conf = dict(conf or {})
+        self.model_dir = os.path.join(app_dir, "model")
+        self.models: Dict[str, AnatomyTaskConfig] = {}
+        for name in select_models(conf.get("models", "all")):
+            task_config = CONFIGS[name]()
+            task_config.init(name, self.model_dir, conf, None)
+            self.models[name] = task_config
+        logger.info(f"+++ Using models: {list(self.models)}")
+
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="Anatomy-VLM Label",
+            description="Chest X-ray anatomy: boxes and masks for the 29 Chest ImaGenome regions",
+            version=anatomy_vlm.__version__,
+            labels=list(label_map()),
+        )
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        extensions = datastore_extensions(settings.MONAI_LABEL_DATASTORE_FILE_EXT)
+        logger.info(f"Init local datastore for: {self.studies}; extensions: {extensions}")
+        return LocalDatastore(
+            self.studies,
+            extensions=extensions,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self) -> Dict[str, InferTask]:
+        infers: Dict[str, InferTask] = {}
+        for name, task_config in self.models.items():
+            task = task_config.infer()
+            tasks = task if isinstance(task, dict) else {name: task}
+            for key, value in tasks.items():
+                logger.info(f"+++ Adding inferer: {key} => {value}")
+                infers[key] = value
+        return infers
+
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        trainers: Dict[str, TrainTask] = {}
+        for name, task_config in self.models.items():
+            trainer = task_config.trainer()
+            if trainer is not None:
+                trainers[name] = trainer
+        return trainers
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        return {"random": Random(), "first": First()}
+
+    def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
+        return {}
+
+    def info(self):
+        meta = super().info()
+        meta["registry_version"] = REGISTRY_VERSION
+        meta["label_colors"] = {r.name: list(r.colour) for r in REGIONS}
+        return meta

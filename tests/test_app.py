@@ -1,0 +1,230 @@
+"""REST tests of the real MONAI Label app (no mocks).
+
+Two ways in, as DESIGN section 3 asks:
+    * in-process: MONAI Label's own FastAPI app (``monailabel.app:app``) through FastAPI's
+      ``TestClient``, configured the way MONAI Label's tests do it (``tests/unit/endpoints/context.py``:
+      set ``monailabel.config.settings.MONAI_LABEL_APP_DIR`` / ``MONAI_LABEL_STUDIES`` /
+      ``MONAI_LABEL_APP_CONF`` before the first request; ``app_instance()`` builds the app from them);
+    * a real ``monailabel start_server`` subprocess on a free loopback port, as ``scripts/serve.sh``
+      runs it. It is started first and boots while the in-process tests run.
+
+Each way works on its own copy of the demo studies folder (the datastore writes its index there).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from anatomy_vlm.anatomy import NUM_REGIONS, REGION_NAMES, label_map
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "apps" / "anatomy_vlm"
+TASKS = {"anatomy_detection": "detection", "anatomy_segmentation": "segmentation"}
+UNLABELLED_ID = "real_rg1_uncr"  # the real CR the demo builder copies in, without labels
+
+
+def _copy_studies(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """A ``monailabel start_server`` subprocess; :meth:`url` waits until it answers."""
+
+    def __init__(self, proc: subprocess.Popen, base_url: str, log: Path, app_dir: Path):
+        self.proc, self.base_url, self.log, self.app_dir = proc, base_url, log, app_dir
+        self._ready = False
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else "(no log)"
+
+    def url(self, path: str, timeout: float = 120.0) -> str:
+        deadline = time.monotonic() + timeout
+        while not self._ready:
+            if self.proc.poll() is not None:
+                pytest.fail(f"monailabel start_server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                self._ready = httpx.get(self.base_url + "/info/", timeout=5).status_code == 200
+            except httpx.TransportError:
+                pass
+            if not self._ready:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"server not ready after {timeout} s:\n{self.log_tail()}")
+                time.sleep(0.5)
+        return self.base_url + path
+
+
+@pytest.fixture(scope="module")
+def live_server(demo_studies, tmp_path_factory):
+    """A real server on a copy of the app (start_server creates model/, logs/, bin/ in the app
+    directory; the copy keeps the repository clean) and a copy of the studies."""
+    base = tmp_path_factory.mktemp("live")
+    app_dir = base / "app"
+    shutil.copytree(APP_DIR, app_dir, ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin"))
+    studies = _copy_studies(demo_studies.studies, base / "studies")
+    port = _free_port()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["MONAI_LABEL_SESSION_PATH"] = str(base / "sessions")
+    env["TMPDIR"] = str(base)  # start_server writes its logging config to a temp file and keeps it
+    log = base / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir),
+             "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)],
+            cwd=base, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    server = LiveServer(proc, f"http://127.0.0.1:{port}", log, app_dir)
+    yield server
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def app_env(request, demo_studies, tmp_path_factory):
+    """Settings for the in-process app."""
+    # If the real-server test is selected, start its server now: it boots (about 10-15 s of
+    # imports) while the in-process tests run.
+    if any("live_server" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("live_server")
+    from monailabel.config import settings
+    from monailabel.interfaces.utils.app import clear_cache
+
+    base = tmp_path_factory.mktemp("inproc")
+    studies = _copy_studies(demo_studies.studies, base / "studies")
+    checkpoint = base / "no-such-dir" / "anatomy_vlm.pt"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(settings, "MONAI_LABEL_APP_DIR", str(APP_DIR))
+        mp.setattr(settings, "MONAI_LABEL_STUDIES", str(studies))
+        mp.setattr(settings, "MONAI_LABEL_APP_CONF", {"checkpoint": str(checkpoint)})
+        mp.setattr(settings, "MONAI_LABEL_DATASTORE_AUTO_RELOAD", False)
+        mp.setattr(settings, "MONAI_LABEL_SESSION_PATH", str(base / "sessions"))
+        yield {"studies": studies, "checkpoint": checkpoint, "base": base}
+        clear_cache()
+
+
+@pytest.fixture(scope="module")
+def client(app_env):
+    from fastapi.testclient import TestClient
+    from monailabel.app import app
+
+    with TestClient(app) as c:  # the context runs the app's lifespan, as the server does
+        yield c
+
+
+# ---- in-process ---------------------------------------------------------------------------------
+def test_info_lists_app_29_labels_and_both_tasks(client, app_env):
+    r = client.get("/info/")
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert info["name"] == "Anatomy-VLM Label"
+    assert info["labels"] == list(REGION_NAMES) and len(info["labels"]) == NUM_REGIONS == 29
+    assert set(TASKS) <= set(info["models"])
+    for name, kind in TASKS.items():
+        model = info["models"][name]
+        assert model["type"] == kind
+        assert model["dimension"] == 2
+        assert model["labels"] == label_map()
+        assert model["checkpoint"] == {"path": str(app_env["checkpoint"]), "exists": False}
+    assert set(info["strategies"]) == {"random", "first"}
+    assert info["trainers"] == {}  # none until the model exists; no stand-in trainer
+    assert len(info["label_colors"]) == 29 and info["registry_version"]
+
+
+def test_datastore_lists_dcm_and_png_studies_with_labels(client, demo_studies):
+    objects = client.get("/datastore/", params={"output": "all"}).json()["objects"]
+    dcm = [i for i in demo_studies.ids(".dcm") if i != UNLABELLED_ID]
+    png = demo_studies.ids(".png")
+    assert dcm and png, "the demo studies need at least one .dcm and one .png image"
+    assert UNLABELLED_ID in demo_studies.ids(".dcm")
+    for ids, ext in ((dcm, ".dcm"), (png, ".png")):
+        for image_id in ids:
+            obj = objects[image_id]
+            assert obj["image"]["ext"] == ext
+            assert obj["labels"]["final"]["ext"] == ".nii.gz"
+            assert obj["labels"]["boxes"]["ext"] == ".boxes.json"
+    # Exactly the images: not the datastore's own index, not label files.
+    assert set(objects) == set(dcm) | set(png) | {UNLABELLED_ID}
+    assert objects[UNLABELLED_ID]["labels"] == {}
+    stats = client.get("/datastore/").json()
+    assert stats["total"] == len(objects) and stats["completed"] == len(objects) - 1
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_infer_without_checkpoint_is_a_clear_json_error(client, app_env, demo_studies, task):
+    image_id = demo_studies.ids(".dcm")[0]
+    r = client.post(f"/infer/{task}", params={"image": image_id})
+    assert r.status_code == 503, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith("no checkpoint yet: ")
+    assert "`anatomy-vlm train`" in detail and f"put a checkpoint at {app_env['checkpoint']}" in detail
+
+
+def test_active_learning_offers_the_unlabelled_image(client):
+    r = client.post("/activelearning/first")
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == UNLABELLED_ID
+    assert client.post("/activelearning/random").json()["id"] == UNLABELLED_ID
+
+
+def test_checkpoint_present_but_no_predictor_says_so(app_env, demo_studies, tmp_path):
+    """A file at the checkpoint path does not make the app invent a result either (HTTP 501)."""
+    from monailabel.interfaces.utils.app import app_instance
+
+    checkpoint = tmp_path / "anatomy_vlm.pt"
+    checkpoint.write_bytes(b"not a model")
+    app = app_instance(str(APP_DIR), str(_copy_studies(demo_studies.studies, tmp_path / "studies")),
+                       {"checkpoint": str(checkpoint)})
+    with pytest.raises(Exception) as excinfo:
+        app.infer({"model": "anatomy_segmentation", "image": demo_studies.ids(".png")[0]})
+    assert getattr(excinfo.value, "status_code", None) == 501
+    assert str(checkpoint) in str(excinfo.value) and "no predictor" in str(excinfo.value)
+    assert app.info()["models"]["anatomy_segmentation"]["checkpoint"]["exists"] is True
+
+
+def test_unknown_model_in_conf_raises_with_the_choices(app_env, tmp_path):
+    from monailabel.interfaces.utils.app import app_instance
+
+    with pytest.raises(ValueError, match="available: all, anatomy_detection, anatomy_segmentation"):
+        app_instance(str(APP_DIR), str(tmp_path / "studies"), {"models": "anatomy_detection,nope"})
+
+
+# ---- real server ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_real_server_info_datastore_and_infer(live_server, demo_studies):
+    info = httpx.get(live_server.url("/info/"), timeout=30).json()
+    assert info["labels"] == list(REGION_NAMES)
+    assert set(TASKS) <= set(info["models"])
+
+    objects = httpx.get(live_server.url("/datastore/"), params={"output": "all"}, timeout=30).json()["objects"]
+    dcm, png = demo_studies.ids(".dcm")[0], demo_studies.ids(".png")[0]
+    assert objects[dcm]["image"]["ext"] == ".dcm" and objects[png]["image"]["ext"] == ".png"
+    for image_id in (dcm, png):
+        assert {"final", "boxes"} <= set(objects[image_id]["labels"])
+
+    r = httpx.post(live_server.url("/infer/anatomy_detection"), params={"image": png}, timeout=60)
+    assert r.status_code == 503, r.text
+    default_checkpoint = os.path.realpath(live_server.app_dir / "model" / "anatomy_vlm.pt")
+    assert r.json()["detail"] == (
+        "no checkpoint yet: anatomy_detection has no trained model to run "
+        f"(train one with `anatomy-vlm train` or put a checkpoint at {default_checkpoint})"
+    )
