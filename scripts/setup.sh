@@ -16,11 +16,23 @@ echo "[setup] creating/updating $VENV (first run takes about 3-5 minutes)" >&2
 start=$(date +%s)
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+LOG="$VENV/setup.log"
+: > "$LOG"
+run() {  # pip's output goes to the log; shown only when a step fails
+  if ! "$@" >> "$LOG" 2>&1; then
+    echo "[setup] FAILED: $*" >&2
+    grep -v "^WARNING: Location" "$LOG" | tail -40 >&2
+    exit 1
+  fi
+}
 # 1. torch first, exact versions (a CUDA build that runs on the CPU; see README).
-"${PIP[@]}" install -q torch==2.14.1 torchvision==0.29.1
+echo "[setup] 1/3 torch" >&2
+run "${PIP[@]}" install torch==2.14.1 torchvision==0.29.1
 # 2. everything else from the complete lock, without resolving (see requirements.txt header).
-"${PIP[@]}" install -q --no-deps -r requirements.txt
+echo "[setup] 2/3 requirements.txt (--no-deps lock)" >&2
+run "${PIP[@]}" install --no-deps -r requirements.txt
 # 3. this project, editable.
-"${PIP[@]}" install -q --no-deps --no-build-isolation -e .
+echo "[setup] 3/3 anatomy-vlm (editable)" >&2
+run "${PIP[@]}" install --no-deps --no-build-isolation -e .
 echo "$WANT" > "$STAMP"
 echo "[setup] done in $(( $(date +%s) - start )) s; venv size $(du -sh "$VENV" | cut -f1)" >&2

@@ -17,9 +17,11 @@ Splits: ``train`` and ``val`` draw every varied parameter from the training rang
 weaker magnification, other scale, lower exposure, other grey mapping), so the test split measures
 generalisation to variation the model never saw.
 
-Determinism: study ``i`` uses ``numpy.random.default_rng([seed, i])`` only, so its content does not
-depend on ``n``, the number of workers or the order of work; the same seed gives byte-identical
-images, masks and boxes.
+Determinism: the split of every study is a seeded permutation of (seed, n); study ``i`` then uses
+``numpy.random.default_rng([seed, i, attempt])`` only, so its content does not depend on the number
+of workers or the order of work; the same seed and n give byte-identical DICOM, PNG, masks and
+boxes (tested). ``attempt`` counts re-draws of a pose in which a region rule could not be applied
+(recorded in the manifest; none in the default build).
 """
 
 from __future__ import annotations
