@@ -111,12 +111,17 @@ def _random_lung_point(ct, side: str, rng, lobes=None, zfrac=(0.0, 1.0)) -> np.n
     return sel[rng.integers(len(sel))].astype(float)
 
 
-def _fill(vol: StudyVolume, sl, weight: torch.Tensor, hu: float, within: torch.Tensor, label: int):
-    mu = vol.view(vol.mu, sl)
-    w = weight * within
-    mu.mul_(1 - w).add_(w * mu_of(hu))
+def _fill_lung(vol: StudyVolume, sl, weight: torch.Tensor, hu: float, lung_ids: list[int]) -> int:
+    """Blend material of ``hu`` into the lung voxels (``lung_ids``) of block ``sl`` with ``weight``
+    (0..1); voxels with weight > 0.5 get a new lesion label, which is returned."""
     g = vol.view(vol.groups, sl)
+    within = torch.isin(g, torch.tensor([float(i) for i in lung_ids])).float()
+    label = vol.new_label()
+    w = weight * within
+    mu = vol.view(vol.mu, sl)
+    mu.mul_(1 - w).add_(w * mu_of(hu))
     g[(w > 0.5)] = float(label)
+    return label
 
 
 def consolidation(vol, ct, rng, side) -> Lesion:
@@ -125,17 +130,14 @@ def consolidation(vol, ct, rng, side) -> Lesion:
     c = _random_lung_point(ct, side, rng, lobes=lobe)
     R = rng.uniform(20, 45)
     sl, (x, y, z) = vol.block(c - 2 * R, c + 2 * R)
-    w = torch.zeros(x.shape[0], 1, 1) * 0 + torch.zeros_like(z * x * y)
+    w = torch.zeros_like(z * x * y)  # (K, I, J) block shape
     for _ in range(rng.integers(2, 4)):
         cc = c + rng.normal(0, R / 2.5, 3)
         r = R * rng.uniform(0.5, 0.9)
         d2 = (x - cc[0]) ** 2 + (y - cc[1]) ** 2 + (z - cc[2]) ** 2
         w = torch.maximum(w, torch.exp(-d2 / (2 * r * r)))
     weight = torch.clamp((w - 0.3) / 0.4, 0, 1) * rng.uniform(0.6, 0.9)
-    g = vol.view(vol.groups, sl)
-    within = torch.isin(g, torch.tensor([float(i) for i in _lung_ids(side)])).float()
-    lab = vol.new_label()
-    _fill(vol, sl, weight, 30.0, within, lab)
+    lab = _fill_lung(vol, sl, weight, 30.0, _lung_ids(side))
     return Lesion("consolidation", side, lab, f"radius {R:.0f} mm")
 
 
@@ -152,10 +154,7 @@ def pleural_effusion(vol, ct, rng, side) -> Lesion:
     lateral = torch.clamp((x - xm) / (xl - xm), 0, 1)  # 0 medial .. 1 lateral
     level = zb + height + 25.0 * lateral ** 2  # meniscus rises laterally
     weight = torch.clamp((level - z) / 4.0, 0, 1)
-    g = vol.view(vol.groups, sl)
-    within = torch.isin(g, torch.tensor([float(i) for i in _lung_ids(side)])).float()
-    lab = vol.new_label()
-    _fill(vol, sl, weight, 10.0, within, lab)
+    lab = _fill_lung(vol, sl, weight, 10.0, _lung_ids(side))
     return Lesion("pleural effusion", side, lab, f"height {height:.0f} mm")
 
 
@@ -207,11 +206,7 @@ def _sphere(vol, ct, rng, side, name, r_range, lobulated) -> Lesion:
             d2 = torch.sqrt((x - cc[0]) ** 2 + (y - cc[1]) ** 2 + (z - cc[2]) ** 2)
             d = torch.minimum(d, d2 * R / (R * rng.uniform(0.5, 0.8)))
     weight = torch.clamp((rr - d) / 2.0 + 0.5, 0, 1)
-    g = vol.view(vol.groups, sl)
-    lungs = _lung_ids("right") + _lung_ids("left")
-    within = torch.isin(g, torch.tensor([float(i) for i in lungs])).float()
-    lab = vol.new_label()
-    _fill(vol, sl, weight, 40.0, within, lab)
+    lab = _fill_lung(vol, sl, weight, 40.0, _lung_ids("right") + _lung_ids("left"))
     return Lesion(name, side, lab, f"radius {R:.0f} mm")
 
 
@@ -237,10 +232,7 @@ def atelectasis(vol, ct, rng, side) -> Lesion:
     dn = (x - c[0]) * n[0] + (y - c[1]) * n[1] + (z - c[2]) * n[2]
     rad = torch.sqrt((x - c[0]) ** 2 + ((y - c[1]) * 0.8) ** 2)
     weight = torch.clamp((thick / 2 - dn.abs()) / 1.5 + 0.5, 0, 1) * torch.clamp((width / 2 - rad) / 5, 0, 1)
-    g = vol.view(vol.groups, sl)
-    within = torch.isin(g, torch.tensor([float(i) for i in _lung_ids(side)])).float()
-    lab = vol.new_label()
-    _fill(vol, sl, weight * 0.95, 20.0, within, lab)
+    lab = _fill_lung(vol, sl, weight * 0.95, 20.0, _lung_ids(side))
     return Lesion("atelectasis", side, lab, f"plate {width:.0f}x{thick:.0f} mm")
 
 
