@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
+
+
+DEFAULT_CHECKPOINT_REL = "apps/anatomy_vlm/model/anatomy_vlm.pt"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / DEFAULT_CHECKPOINT_REL
+"""The served checkpoint of the repository checkout (``predict``'s default)."""
 
 
 def _build_demo(a: argparse.Namespace) -> int:
@@ -30,6 +36,78 @@ def _contact_sheet(a: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(a: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .evaluate import format_report, run_evaluation
+    from .io import write_json_atomic
+
+    torch.set_num_threads(max(1, a.threads))
+    result = run_evaluation(a.checkpoint, a.demo, a.task, split=a.split, overlays_dir=a.overlays,
+                            limit=a.limit, progress=not a.quiet and not a.json,
+                            mask_boxes=not a.decoder_boxes)
+    if a.output:
+        write_json_atomic(result, a.output)
+    print(json.dumps(result, indent=2) if a.json else format_report(result))
+    return 0
+
+
+def _train(a: argparse.Namespace) -> int:
+    import json
+
+    from .train import load_config, train
+
+    overrides: dict = {}
+    if a.epochs is not None:
+        overrides.setdefault("train", {})["epochs"] = a.epochs
+    if a.checkpoint:
+        overrides.setdefault("output", {})["checkpoint"] = a.checkpoint
+    cfg = load_config(a.config, overrides)
+    summary = train(cfg, resume=a.resume, progress=not a.quiet, command=" ".join(["anatomy-vlm", "train"] + a.argv))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _predict(a: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoint import CheckpointFormatError
+    from .io import write_region_masks
+    from .predict import Predictor
+
+    torch.set_num_threads(max(1, a.threads))
+    ckpt = Path(a.checkpoint) if a.checkpoint else DEFAULT_CHECKPOINT
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no checkpoint at {ckpt} (train one with `anatomy-vlm train` or pass --checkpoint)")
+    try:
+        predictor = Predictor.from_checkpoint(ckpt, cache_dir=None if a.no_cache else a.cache_dir)
+    except CheckpointFormatError as e:
+        raise ValueError(str(e)) from e
+    pred = predictor.predict(a.image, with_masks=bool(a.masks), regions=a.regions or None)
+    if a.masks:
+        from .io import read_image
+
+        rg = read_image(a.image)
+        write_region_masks(pred.masks, a.masks, rg.spacing if rg.spacing_known else None)
+    doc = pred.to_json()
+    if a.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        h, w = pred.image_shape
+        print(f"{a.image}: {w}x{h} px, {len(doc['regions'])} regions ({pred.timing['total']:.2f} s)")
+        print(f"{'id':>3}  {'region':<26} {'x0':>8} {'y0':>8} {'x1':>8} {'y1':>8} {'score':>6}")
+        for r in doc["regions"]:
+            print(f"{r['id']:>3}  {r['name']:<26} " + " ".join(f"{v:8.1f}" for v in r["box"]) + f" {r['score']:6.3f}")
+    if a.masks:
+        print(f"masks ({len(pred.indices)} regions, NIfTI x=col, y=row, k=region) -> {a.masks}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anatomy-vlm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -43,17 +121,51 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--contact-sheet", help="also write a contact sheet PNG here")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_build_demo)
+    t = sub.add_parser("train", help="train the anatomy decoder and mask head (torchrun-compatible)")
+    t.add_argument("--config", help="JSON/YAML run config (see anatomy_vlm.train); e.g. configs/demo.json")
+    t.add_argument("--epochs", type=int, help="override train.epochs")
+    t.add_argument("--checkpoint", help="override output.checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue from output.run_dir/last.pt")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=_train)
     c = sub.add_parser("contact-sheet", help="draw demo studies with their boxes into one PNG")
     c.add_argument("--demo", required=True, help="demo folder (holds manifest.json)")
     c.add_argument("--out", required=True, help="PNG to write")
     c.add_argument("--n", type=int, default=4)
     c.add_argument("--ids", nargs="*", help="study ids to show")
     c.set_defaults(func=_contact_sheet)
+    e = sub.add_parser("evaluate", help="COCO-style box AP / mask Dice of a checkpoint on a demo split")
+    e.add_argument("--checkpoint", default="apps/anatomy_vlm/model/anatomy_vlm.pt",
+                   help="checkpoint file (default apps/anatomy_vlm/model/anatomy_vlm.pt)")
+    e.add_argument("--demo", default="data/demo", help="demo folder holding manifest.json (default data/demo)")
+    e.add_argument("--task", choices=("detection", "segmentation"), default="detection")
+    e.add_argument("--split", choices=("train", "val", "test", "all"), default="test")
+    e.add_argument("--json", action="store_true", help="print the full result as JSON")
+    e.add_argument("--output", help="also write the JSON result to this file")
+    e.add_argument("--overlays", help="write one overlay PNG per study into this folder")
+    e.add_argument("--limit", type=int, help="evaluate only the first N studies of the split")
+    e.add_argument("--decoder-boxes", action="store_true",
+                   help="detection: score the decoder's boxes instead of the mask-refined boxes the server gives")
+    e.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_evaluate)
+    pr = sub.add_parser("predict", help="boxes (and masks) of the 29 regions in one image")
+    pr.add_argument("image", help="DICOM, PNG, JPEG or NIfTI image")
+    pr.add_argument("--checkpoint", help=f"checkpoint file (default {DEFAULT_CHECKPOINT_REL})")
+    pr.add_argument("--json", action="store_true", help="print JSON: {image, image_shape, regions: [{name, id, box, score}]}")
+    pr.add_argument("--masks", metavar="OUT.nii.gz", help="also write the region masks (x=col, y=row, k=region)")
+    pr.add_argument("--regions", help="comma-separated region names (default all 29)")
+    pr.add_argument("--cache-dir", help="embedding cache folder (default: memory only)")
+    pr.add_argument("--no-cache", action="store_true", help=argparse.SUPPRESS)
+    pr.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    pr.set_defaults(func=_predict)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
+    a.argv = argv[1:]
     try:
         return a.func(a)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -13,6 +13,7 @@ Each way works on its own copy of the demo studies folder (the datastore writes 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -115,7 +116,8 @@ def app_env(request, demo_studies, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(settings, "MONAI_LABEL_APP_DIR", str(APP_DIR))
         mp.setattr(settings, "MONAI_LABEL_STUDIES", str(studies))
-        mp.setattr(settings, "MONAI_LABEL_APP_CONF", {"checkpoint": str(checkpoint)})
+        mp.setattr(settings, "MONAI_LABEL_APP_CONF",
+                   {"checkpoint": str(checkpoint), "embedding_cache": str(base / "embeddings")})
         mp.setattr(settings, "MONAI_LABEL_DATASTORE_AUTO_RELOAD", False)
         mp.setattr(settings, "MONAI_LABEL_SESSION_PATH", str(base / "sessions"))
         yield {"studies": studies, "checkpoint": checkpoint, "base": base}
@@ -186,19 +188,115 @@ def test_active_learning_offers_the_unlabelled_image(client):
     assert client.post("/activelearning/random").json()["id"] == UNLABELLED_ID
 
 
-def test_checkpoint_present_but_no_predictor_says_so(app_env, demo_studies, tmp_path):
-    """A file at the checkpoint path does not make the app invent a result either (HTTP 501)."""
+def test_unusable_checkpoint_says_so(app_env, demo_studies, tmp_path):
+    """A file at the checkpoint path that is no checkpoint gives a clear 503, never a made-up result."""
     from monailabel.interfaces.utils.app import app_instance
 
     checkpoint = tmp_path / "anatomy_vlm.pt"
     checkpoint.write_bytes(b"not a model")
     app = app_instance(str(APP_DIR), str(_copy_studies(demo_studies.studies, tmp_path / "studies")),
-                       {"checkpoint": str(checkpoint)})
+                       {"checkpoint": str(checkpoint), "embedding_cache": "none"})
     with pytest.raises(Exception) as excinfo:
         app.infer({"model": "anatomy_segmentation", "image": demo_studies.ids(".png")[0]})
-    assert getattr(excinfo.value, "status_code", None) == 501
-    assert str(checkpoint) in str(excinfo.value) and "no predictor" in str(excinfo.value)
+    assert getattr(excinfo.value, "status_code", None) == 503
+    assert str(checkpoint) in str(excinfo.value) and "cannot be used" in str(excinfo.value)
     assert app.info()["models"]["anatomy_segmentation"]["checkpoint"]["exists"] is True
+
+
+# ---- with a (tiny, random) checkpoint -------------------------------------------------------------------
+TINY = {"decoder": {"num_layers": 1, "d_model": 64, "dim_feedforward": 128, "num_heads": 4, "embed_dim": 64}}
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    from anatomy_vlm.checkpoint import save_checkpoint
+    from anatomy_vlm.model import build_model
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
+    save_checkpoint(path, build_model(TINY), {"data": "none (random decoder, REST contract tests)"})
+    return path
+
+
+@pytest.fixture
+def with_checkpoint(app_env, tiny_file):
+    """The tiny checkpoint at the in-process app's checkpoint path for one test (the tasks look it up per
+    call); removed afterwards so the no-checkpoint tests keep their 503."""
+    dst = app_env["checkpoint"]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(tiny_file, dst)
+    yield dst
+    dst.unlink()
+
+
+def _multipart(r):
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    parts = {}
+    for part in MultipartDecoder(r.content, r.headers["content-type"]).parts:
+        disp = part.headers[b"Content-Disposition"].decode()
+        parts["params" if 'name="params"' in disp else "file"] = (disp, part.content)
+    return parts
+
+
+def test_detection_returns_boxes_and_a_slicer_roi_file(client, with_checkpoint, demo_studies):
+    image_id = demo_studies.ids(".png")[0]
+    r = client.post("/infer/anatomy_detection", params={"image": image_id})
+    assert r.status_code == 200, r.text
+    parts = _multipart(r)
+    result = json.loads(parts["params"][1])
+    assert len(result["regions"]) == len(result["boxes"]) == len(result["scores"]) == NUM_REGIONS
+    assert result["labels"] == list(REGION_NAMES) and result["label_ids"] == list(range(1, 30))
+    h, w = result["image_shape"]
+    for x0, y0, x1, y1 in result["boxes"]:
+        assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h
+    assert len(result["box"]) == NUM_REGIONS and all(len(b) == 6 for b in result["box"])  # MONAI form
+    disp, body = parts["file"]
+    assert '.json"' in disp  # the stock panel loads a *.json result with slicer.util.loadMarkups
+    markups = json.loads(body)["markups"]
+    assert len(markups) == NUM_REGIONS and {m["type"] for m in markups} == {"ROI"}
+    assert [m["controlPoints"][0]["label"] for m in markups] == list(REGION_NAMES)
+    assert markups[0]["coordinateSystem"] == "LPS" and markups[0]["center"] == result["box"][0][:3]
+
+
+def test_segmentation_returns_a_seg_nrrd_with_all_regions_and_subsets(client, with_checkpoint, demo_studies,
+                                                                       tmp_path):
+    import nrrd
+
+    image_id = demo_studies.ids(".png")[0]
+    r = client.post("/infer/anatomy_segmentation", params={"image": image_id, "output": "image"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-disposition"].rstrip('"').endswith(".seg.nrrd")
+    (tmp_path / "all.seg.nrrd").write_bytes(r.content)
+    data, hdr = nrrd.read(str(tmp_path / "all.seg.nrrd"), index_order="F")
+    names = [hdr[f"Segment{k}_Name"] for k in range(NUM_REGIONS)]
+    assert names == list(REGION_NAMES) and f"Segment{NUM_REGIONS}_Name" not in hdr
+    from anatomy_vlm.io import read_image
+
+    h, w = read_image(demo_studies.studies / f"{image_id}.png").pixels.shape
+    assert data.shape[1:] == (w, h, 1)  # (layers, x = column, y = row, 1), as Slicer lays out the image
+
+    r = client.post("/infer/anatomy_segmentation", params={"image": image_id, "output": "json"},
+                    data={"params": json.dumps({"regions": "left lung, right lung"})})
+    assert r.status_code == 200, r.text
+    assert [s["name"] for s in r.json()["segments"]] == ["left lung", "right lung"]
+    assert r.json()["label_names"] == {"left lung": label_map()["left lung"], "right lung": 1}
+
+    r = client.post("/infer/anatomy_segmentation", params={"image": image_id, "output": "image"},
+                    data={"params": json.dumps({"regions": ["trachea"], "label_format": "nii.gz"})})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-disposition"].rstrip('"').endswith(".nii.gz")
+
+
+@pytest.mark.parametrize("params,status,text", [
+    ({"image": "no_such_image"}, 404, "unknown image"),
+    ({"image": None, "regions": "right lung,left kidney"}, 400, "unknown region 'left kidney'; valid names"),
+])
+def test_bad_requests_get_4xx_with_a_message(client, with_checkpoint, demo_studies, params, status, text):
+    image = params.pop("image") or demo_studies.ids(".png")[0]
+    for task in TASKS:
+        r = client.post(f"/infer/{task}", params={"image": image}, data={"params": json.dumps(params)})
+        assert r.status_code == status, r.text
+        assert text in r.json()["detail"]
 
 
 def test_unknown_model_in_conf_raises_with_the_choices(app_env, tmp_path):

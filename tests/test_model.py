@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from anatomy_vlm.anatomy import NUM_REGIONS
+from anatomy_vlm.model.query_mask_head import soft_boxes
 from anatomy_vlm.model import (
     AnatomyDecoder,
     AnatomyOutput,
@@ -24,6 +25,7 @@ from anatomy_vlm.model import (
     box_cxcywh_to_xyxy,
     box_xyxy_to_cxcywh,
     build_model,
+    QueryMaskHead,
     letterbox,
     resolve_config,
 )
@@ -44,9 +46,9 @@ def _two_threads():
 
 @pytest.fixture(scope="module")
 def model() -> AnatomyVLM:
-    """Real LiteMedSAM encoder + mask head, tiny decoder, in eval mode."""
+    """Real LiteMedSAM encoder + SAM box-prompted mask head, tiny decoder, in eval mode."""
     torch.manual_seed(0)
-    return build_model({"decoder": TINY_DECODER}).eval()
+    return build_model({"decoder": TINY_DECODER, "mask_head": {"kind": "sam"}}).eval()
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +266,7 @@ def test_forward_on_cached_embeddings_shapes(model, embedding):
     assert out.masks is None
     assert len(out.aux_outputs) == TINY_DECODER["num_layers"] - 1
     assert out.aux_outputs[0].boxes.shape == (2, NUM_REGIONS, 4)
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="images=, embeddings= or both"):
         model()
 
 
@@ -353,3 +355,42 @@ def test_resolved_config_is_complete_and_json_serialisable():
     assert cfg["decoder"]["num_layers"] == 4 and cfg["decoder"]["d_model"] == 256
     assert cfg["encoder"]["name"] == "litemedsam" and cfg["mask_head"]["enabled"] is True
     assert json.loads(json.dumps(cfg)) == cfg
+
+
+def test_query_mask_head_gives_29_masks_in_one_pass_and_trains(embedding, package_state):
+    """The default mask head: pixel features once per image, one logit map per region, gated by its box;
+    starts from LiteMedSAM's upscaler and hypernetwork weights."""
+    torch.manual_seed(0)
+    m = build_model({"decoder": dict(TINY_DECODER, embed_dim=256)}).eval()
+    assert isinstance(m.mask_head, QueryMaskHead)
+    up = package_state["mask_decoder.output_upscaling.0.weight"]
+    assert torch.equal(m.mask_head.upscale[0].weight, up)
+    calls = []
+    h = m.mask_head.upscale.register_forward_hook(lambda mod, i, o: calls.append(1))
+    images = torch.rand(1, 3, 256, 256)
+    try:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = m(images=images, embeddings=embedding, with_masks=True)
+            print(f"\n{NUM_REGIONS} masks (query head): {time.perf_counter() - t0:.3f} s")
+    finally:
+        h.remove()
+    assert calls == [1] and out.masks.shape == (1, NUM_REGIONS, 256, 256)
+    # the box gate: a region's logits are higher inside its box than outside, other things equal
+    boxes = torch.tensor([[[10.0, 20.0, 100.0, 200.0]] * NUM_REGIONS])
+    with torch.no_grad():
+        z = m.mask_head(embedding, torch.zeros(1, NUM_REGIONS, 256), boxes, images)
+    assert float(z[0, 0, 100, 50]) > float(z[0, 0, 100, 200])
+    m.train()
+    out = m(images=images, embeddings=embedding, with_masks=True)
+    out.masks.mean().backward()
+    assert m.mask_head.upscale[0].weight.grad is not None and m.mask_head.box_weight.grad is not None
+    assert m.decoder.query_content.weight.grad is not None  # masks train the region embeddings too
+    with pytest.raises(ValueError, match="letterboxed image"):
+        m.mask_head(embedding, torch.zeros(1, NUM_REGIONS, 256), boxes)
+
+
+def test_soft_boxes_cover_pixel_centres_inside():
+    g = soft_boxes(torch.tensor([[[2.0, 3.0, 6.0, 5.0]]]), 8)[0, 0]
+    assert g[3, 3] > 0.8 and g[3, 2] > 0.7 and g[4, 5] > 0.7  # pixel centres (3.5, 2.5) and (4.5, 5.5) are inside
+    assert g[2, 2] < 0.2 and g[3, 6] < 0.2 and g[5, 3] < 0.2

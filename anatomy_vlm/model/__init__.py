@@ -26,6 +26,7 @@ from .boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .decoder import AnatomyDecoder
 from .encoder import CheckpointError, LiteMedSAMEncoder, ViTEncoder, load_litemedsam_state
 from .mask_head import BoxPromptMaskHead
+from .query_mask_head import QueryMaskHead
 from .outputs import AnatomyOutput, MaskOutput
 from .preprocess import INPUT_SIZE, Letterbox, letterbox, preprocess_radiograph
 
@@ -35,6 +36,7 @@ __all__ = [
     "AnatomyOutput",
     "AnatomyVLM",
     "BoxPromptMaskHead",
+    "QueryMaskHead",
     "CheckpointError",
     "INPUT_SIZE",
     "Letterbox",
@@ -87,20 +89,18 @@ class AnatomyVLM(nn.Module):
         """Predict the regions of a batch.
 
         Args:
-            images: ``(B, 3, S, S)`` float in ``[0, 1]`` from :func:`letterbox`; or
-            embeddings: ``(B, C, h, w)`` encoder features computed earlier (skips the encoder). Exactly one
-                of the two.
-            with_masks: Also run the mask head (one batched call for all ``B x K`` prompts).
-            prompt_boxes: ``(B, K, 4)`` ``[x0, y0, x1, y1]`` input-frame pixel edges to prompt the mask head
-                with (e.g. ground-truth boxes while training it); default the predicted boxes, detached
-                (``K = Q``, mask ``i`` is region ``i``).
+            images: ``(B, 3, S, S)`` float in ``[0, 1]`` from :func:`letterbox`. Encoded unless
+                ``embeddings`` is given too; the query mask head also uses them for edge refinement.
+            embeddings: ``(B, C, h, w)`` encoder features computed earlier (skips the encoder).
+            with_masks: Also run the mask head (all ``B x K`` regions in one call).
+            prompt_boxes: ``(B, K, 4)`` ``[x0, y0, x1, y1]`` input-frame pixel edges for the mask head
+                (box prompts for ``sam``, box gates for ``query``); default the predicted boxes, detached.
 
         Returns:
-            :class:`AnatomyOutput`; ``masks`` ``(B, K, 256, 256)`` logits and ``mask_iou`` ``(B, K)`` when
-            ``with_masks``.
+            :class:`AnatomyOutput`; ``masks`` ``(B, K, 256, 256)`` logits when ``with_masks``.
         """
-        if (images is None) == (embeddings is None):
-            raise ValueError("pass exactly one of images= or embeddings=")
+        if images is None and embeddings is None:
+            raise ValueError("pass images=, embeddings= or both")
         if embeddings is None:
             embeddings = self.encode(images)
         out = self.decoder(embeddings)
@@ -109,8 +109,11 @@ class AnatomyVLM(nn.Module):
                 raise ValueError("this model has no mask head (config mask_head.enabled is false)")
             if prompt_boxes is None:
                 prompt_boxes = out.boxes_xyxy.detach() * self.input_size
-            m = self.mask_head(embeddings, prompt_boxes)
-            out.masks, out.mask_iou = m.masks, m.iou
+            if isinstance(self.mask_head, QueryMaskHead):
+                out.masks = self.mask_head(embeddings, out.region_embeddings, prompt_boxes, images)
+            else:
+                m = self.mask_head(embeddings, prompt_boxes)
+                out.masks, out.mask_iou = m.masks, m.iou
         return out
 
 
@@ -120,7 +123,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "encoder": {"name": "litemedsam", "checkpoint": None, "pretrained": True, "trainable_blocks": 0},
     "decoder": {"d_model": 256, "num_layers": 3, "num_heads": 8, "dim_feedforward": 1024, "dropout": 0.1,
                 "embed_dim": 256, "global_embedding": True, "feature_pool": 2, "aux_outputs": True},
-    "mask_head": {"enabled": True, "checkpoint": None, "pretrained": True, "trainable": True},
+    "mask_head": {"enabled": True, "kind": "query", "checkpoint": None, "pretrained": True, "trainable": True,
+                  "use_image": True},
 }
 """The default (LiteMedSAM) config; :func:`build_model` documents every key."""
 
@@ -178,6 +182,7 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     enc = _section(config, "encoder", _ENCODERS[name])
     dec = _section(config, "decoder", DEFAULT_CONFIG["decoder"])
     mh = _section(config, "mask_head", DEFAULT_CONFIG["mask_head"])
+    _check(mh["kind"] in ("query", "sam"), f"config mask_head.kind must be 'query' or 'sam', got {mh['kind']!r}")
 
     tb = enc["trainable_blocks"]
     _check(tb is None or (_is_int(tb) and tb >= 0),
@@ -187,6 +192,7 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
                f"config {where}.{key} must be a file path string or null, got {sec[key]!r}")
     for key, sec, where in (("pretrained", enc, "encoder"), ("pretrained", mh, "mask_head"),
                             ("enabled", mh, "mask_head"), ("trainable", mh, "mask_head"),
+                            ("use_image", mh, "mask_head"),
                             ("global_embedding", dec, "decoder"), ("aux_outputs", dec, "decoder")):
         if key in sec:
             _check(isinstance(sec[key], bool), f"config {where}.{key} must be true or false, got {sec[key]!r}")
@@ -247,7 +253,11 @@ def build_model(config: Mapping[str, Any] | None = None) -> AnatomyVLM:
                                       # ~90-170 ms per image on 2 CPU threads with pool 1
           aux_outputs: true           # per-layer boxes for auxiliary losses
         mask_head:
-          enabled: true               # LiteMedSAM prompt encoder + mask decoder (litemedsam encoder only)
+          enabled: true               # masks (litemedsam encoder only)
+          kind: query                 # query: all regions at once from the region queries on LiteMedSAM's
+                                      #   upscaler, gated by the boxes (query_mask_head.py; ~50 ms for 29)
+                                      # sam: LiteMedSAM prompt encoder + mask decoder, one pass per box
+          use_image: true             # query head: refine with the letterboxed image
           checkpoint: null            # null = the package's lite_medsam.pth
           pretrained: true
           trainable: true             # fine-tune the mask decoder
@@ -270,9 +280,15 @@ def build_model(config: Mapping[str, Any] | None = None) -> AnatomyVLM:
                                                pretrained=enc_cfg["pretrained"],
                                                trainable_blocks=enc_cfg["trainable_blocks"])
         mask_head = None
-        if mh_cfg["enabled"]:
+        if mh_cfg["enabled"] and mh_cfg["kind"] == "sam":
             mask_head = BoxPromptMaskHead(mh_cfg["checkpoint"], state_dict=shared, pretrained=mh_cfg["pretrained"],
                                           trainable=mh_cfg["trainable"])
+        elif mh_cfg["enabled"]:
+            if shared is None and mh_cfg["pretrained"]:
+                shared = load_litemedsam_state(mh_cfg["checkpoint"])
+            mask_head = QueryMaskHead(dec_cfg["embed_dim"], pretrained=mh_cfg["pretrained"], state_dict=shared,
+                                      use_image=mh_cfg["use_image"])
+            mask_head.requires_grad_(bool(mh_cfg["trainable"]))
     else:
         encoder = ViTEncoder(enc_cfg["checkpoint"] if enc_cfg["pretrained"] else None, model_name=enc_cfg["model_name"], img_size=enc_cfg["img_size"],
                              model_kwargs=enc_cfg["model_kwargs"], trainable_blocks=enc_cfg["trainable_blocks"],

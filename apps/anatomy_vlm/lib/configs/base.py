@@ -33,6 +33,18 @@ def checkpoint_path(model_dir: str, conf: Optional[Dict[str, str]]) -> str:
     return os.path.abspath(os.path.join(model_dir, CHECKPOINT_FILENAME))
 
 
+def embedding_cache_dir(conf: Optional[Dict[str, str]]) -> Optional[str]:
+    """Encoder-output cache folder: ``--conf embedding_cache PATH`` (``none`` = memory only), default
+    ``$ANATOMY_VLM_CACHE/embeddings`` or ``~/.cache/anatomy_vlm/embeddings``."""
+    chosen = (conf or {}).get("embedding_cache")
+    if chosen and str(chosen).lower() == "none":
+        return None
+    if chosen:
+        return os.path.abspath(os.path.expanduser(str(chosen)))
+    base = os.environ.get("ANATOMY_VLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "anatomy_vlm")
+    return os.path.join(base, "embeddings")
+
+
 class AnatomyTaskConfig(TaskConfig):
     """One MONAI Label task over the shared Anatomy-VLM model.
 
@@ -42,12 +54,15 @@ class AnatomyTaskConfig(TaskConfig):
 
     infer_type: InferType = InferType.OTHERS
     task_description: str = ""
+    infer_config: Dict[str, Any] = {}
+    """Request defaults shown in ``/info`` (the stock Slicer panel's options table sends them)."""
 
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.labels = label_map()
         self.label_colors = {r.name: r.colour for r in REGIONS}
         self.path = checkpoint_path(model_dir, conf)
+        self.cache_dir = embedding_cache_dir(conf)
 
     def infer(self) -> InferTask:
         return AnatomyInfer(
@@ -56,6 +71,8 @@ class AnatomyTaskConfig(TaskConfig):
             type=self.infer_type,
             labels=self.labels,
             description=self.task_description,
+            config=dict(self.infer_config),
+            cache_dir=self.cache_dir,
         )
 
     def trainer(self) -> Optional[TrainTask]:

@@ -1,27 +1,104 @@
-"""Thin MONAI Label infer adapter for the Anatomy-VLM model.
+"""Thin MONAI Label infer adapters over :class:`anatomy_vlm.predict.Predictor`.
 
-Both served tasks (``anatomy_detection``: 29 region boxes; ``anatomy_segmentation``: 29 region
-masks) are heads of one model and read one checkpoint. This adapter only translates between MONAI
-Label's request/response and the library; all image reading, transforms and prediction belong in
-``anatomy_vlm`` (the predictor lands with the model in the next issue).
+Both tasks (``anatomy_detection``, ``anatomy_segmentation``) read one checkpoint and share one
+``Predictor`` per checkpoint file (:class:`SharedPredictor`): loaded on the first request, reloaded
+when the file's mtime or size changes, and its embedding cache serves both tasks. Until a checkpoint
+exists every request gets :class:`NoCheckpointError` (HTTP 503), never a made-up result.
 
-Until a checkpoint exists the task answers every request with :class:`NoCheckpointError` (HTTP 503,
-JSON ``{"detail": "no checkpoint yet: ..."}``), never with a made-up result. The checkpoint is
-looked up at every call, so a checkpoint written while the server runs is seen without a restart.
+What the stock 3D Slicer MONAI Label panel does with a result (read in ``Project-MONAI/MONAILabel``:
+``plugins/slicer/MONAILabel/MONAILabel.py`` and ``MONAILabelLib/client.py``; MONAI Label 0.8.5's
+``monailabel/transform/writer.py:DetectionWriter`` and ``monailabel/utils/others/detection.py``):
+
+* The panel lists models of type ``segmentation`` (and, in the versions with detection support,
+  ``detection``) under "Auto Segmentation"; "Run" POSTs ``/infer/<model>?image=<id>`` with the task's
+  ``config`` values from ``/info`` as params (a list-valued config sends its first item), saves the
+  multipart file part under the *file name the server gave it* and calls
+  ``updateSegmentationMask(result_file, label_names)``, which dispatches on that name:
+    - ``*.seg.nrrd`` and the user's "File Extension" setting is ``.seg.nrrd``:
+      ``LoadSegmentationFromFile`` and a deep copy into the panel's segmentation node: all segments
+      with their names, colours and overlapping layers (the settings page itself says overlapping
+      segments need ``.seg.nrrd``);
+    - ``*.json``: ``slicer.util.loadMarkups(file)``, then every ``vtkMRMLMarkupsROINode`` except
+      "Scribbles ROI" is renamed "Detection ROI - <i>" (so region names must also live in the control
+      point label / description, which the panel keeps);
+    - anything else: ``sitk.ReadImage`` -> one label map, segments named from ``params["label_names"]``
+      (or the model's ``labels``) ordered by label value: overlap cannot survive this path.
+* MONAI Label's own detection output is exactly such a ``.json``: ``DetectionWriter`` writes a Slicer
+  markups file (schema markups-schema-v1.0.3, ``coordinateSystem`` LPS, ``roiType`` Box, ``center`` /
+  ``size`` in mm, orientation ``diag(-1, -1, 1)``) and returns ``{"box": [[cx, cy, cz, sx, sy, sz]...],
+  "label": [...]}`` as the result JSON.
+
+So ``anatomy_detection`` returns a markups ROI JSON file (one box ROI per region, region name as node
+name, control point label and description, registry colour) plus the JSON ``regions`` / ``boxes``
+(``[x0, y0, x1, y1]`` pixels) / ``labels`` / ``scores`` and MONAI's ``box`` / ``label``;
+``anatomy_segmentation`` returns a multi-layer ``.seg.nrrd`` (``label_format`` ``seg.nrrd``, default)
+or, for the panel's default ``.nii.gz`` setting, a flat label map (``label_format`` ``nii.gz``;
+smallest region wins where regions overlap). Both are placed with the image geometry ITK reads from the
+image file, which is how Slicer loads the image (``anatomy_vlm.predict.ImageGeometry``).
+
+Request parameters: ``regions`` (list or comma-separated names; default all), ``label_format``
+(segmentation), ``refine_boxes`` (detection: mask-refined boxes, slower). Bad requests get HTTP 4xx
+JSON errors (:class:`InferRequestError`): unknown image id 404, unknown region 400, unreadable image 422.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
+import threading
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from .errors import NoCheckpointError, PredictorMissingError
+from .errors import CheckpointUnusableError, InferRequestError, NoCheckpointError
 
 logger = logging.getLogger(__name__)
+
+LABEL_FORMATS = ("seg.nrrd", "nii.gz")
+
+
+class SharedPredictor:
+    """One ``Predictor`` per checkpoint path, shared by the tasks, reloaded when the file changes."""
+
+    _instances: Dict[str, "SharedPredictor"] = {}
+    _instances_lock = threading.Lock()
+
+    @classmethod
+    def for_checkpoint(cls, checkpoint: str, cache_dir: Optional[str]) -> "SharedPredictor":
+        key = os.path.realpath(checkpoint)
+        with cls._instances_lock:
+            if key not in cls._instances:
+                cls._instances[key] = cls(checkpoint, cache_dir)
+            return cls._instances[key]
+
+    def __init__(self, checkpoint: str, cache_dir: Optional[str]):
+        self.checkpoint, self.cache_dir = checkpoint, cache_dir
+        self._predictor = None
+        self._stamp = None
+        self._lock = threading.Lock()
+
+    def get(self):
+        """The predictor for the checkpoint as it is now on disk (raises 503 errors when there is none)."""
+        from anatomy_vlm.checkpoint import CheckpointFormatError
+        from anatomy_vlm.predict import Predictor
+
+        try:
+            st = os.stat(self.checkpoint)
+        except FileNotFoundError:
+            return None
+        stamp = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            if self._predictor is None or stamp != self._stamp:
+                logger.info(f"loading checkpoint {self.checkpoint}")
+                try:
+                    self._predictor = Predictor.from_checkpoint(self.checkpoint, cache_dir=self.cache_dir)
+                except (CheckpointFormatError, OSError, ValueError, RuntimeError) as e:
+                    self._predictor = None
+                    raise CheckpointUnusableError(f"checkpoint at {self.checkpoint} cannot be used: {e}") from e
+                self._stamp = stamp
+            return self._predictor
 
 
 class AnatomyInfer(BasicInferTask):
@@ -33,7 +110,8 @@ class AnatomyInfer(BasicInferTask):
         type: ``InferType.DETECTION`` or ``InferType.SEGMENTATION``.
         labels: ``{region name: label id}`` from the registry (``anatomy_vlm.anatomy.label_map()``).
         description: Shown by clients next to the model name.
-        config: Extra user-tunable request defaults, shown in ``/info``.
+        config: User-tunable request defaults, shown in ``/info`` (the Slicer panel's options table).
+        cache_dir: Embedding cache folder (``None``: memory only).
     """
 
     def __init__(
@@ -44,27 +122,18 @@ class AnatomyInfer(BasicInferTask):
         labels: Dict[str, int],
         description: str,
         config: Optional[Dict[str, Any]] = None,
+        cache_dir: Optional[str] = None,
     ):
-        super().__init__(
-            path=checkpoint,
-            network=None,
-            type=type,
-            labels=labels,
-            dimension=2,
-            description=description,
-            config=config,
-        )
+        super().__init__(path=checkpoint, network=None, type=type, labels=labels, dimension=2,
+                         description=description, config=config)
         self.name = name
         self.checkpoint = checkpoint
+        self.cache_dir = cache_dir
+        self.shared = SharedPredictor.for_checkpoint(checkpoint, cache_dir)
 
     # -- what /info shows ------------------------------------------------------------------------
     def is_valid(self) -> bool:
-        """Always listed: the task exists even before it has a checkpoint.
-
-        ``MONAILabelApp.info()`` hides tasks whose ``is_valid()`` is false, and the stock
-        ``BasicInferTask.is_valid`` is false while the checkpoint file is missing. Listing the task
-        lets clients show it and get the explicit no-checkpoint error when they run it.
-        """
+        """Always listed, even before a checkpoint exists (then the call says "no checkpoint yet")."""
         return True
 
     def info(self) -> Dict[str, Any]:
@@ -79,23 +148,82 @@ class AnatomyInfer(BasicInferTask):
             f"(train one with `anatomy-vlm train` or put a checkpoint at {self.checkpoint})"
         )
 
+    def predictor(self):
+        predictor = self.shared.get() if os.path.isfile(self.checkpoint) else None
+        if predictor is None:
+            raise NoCheckpointError(self.no_checkpoint_message())
+        return predictor
+
     def __call__(self, request, callbacks=None) -> Tuple[Union[str, None], Dict]:
-        """Run the task, or raise a clear error when it cannot run.
+        """Run the task: ``(result file, result JSON)``.
 
         Raises:
-            NoCheckpointError: (HTTP 503) no file at ``self.checkpoint``.
-            PredictorMissingError: (HTTP 501) a checkpoint exists but this version has no predictor.
+            NoCheckpointError / CheckpointUnusableError: (503) no usable checkpoint.
+            InferRequestError: (4xx) unknown image, unknown region, unreadable image, bad parameter.
         """
-        if not os.path.isfile(self.checkpoint):
-            raise NoCheckpointError(self.no_checkpoint_message())
-        raise PredictorMissingError(
-            f"checkpoint found at {self.checkpoint}, but this version of the app has no predictor "
-            f"to run {self.name} yet (it arrives with the model)"
-        )
+        from anatomy_vlm.io import ImageReadError
+        from anatomy_vlm.predict import (image_geometry, resolve_regions, write_flat_labelmap, write_seg_nrrd,
+                                         write_slicer_roi_markups)
 
-    # BasicInferTask declares these abstract. The transform list will be written once, in the
-    # library's transform factory shared by infer, train and validation (DESIGN section 3), and
-    # returned from here; until then there is nothing to run.
+        predictor = self.predictor()
+        req = dict(self._config)
+        req.update(request)
+        image = req.get("image")
+        if not isinstance(image, str) or not image or not os.path.isfile(image):
+            raise InferRequestError(
+                "unknown image: the datastore has no image with this id" if not image
+                else f"unknown image {image!r}", status=404)
+        try:
+            indices = resolve_regions(req.get("regions") or None)
+        except ValueError as e:
+            raise InferRequestError(str(e), status=400) from e
+        fmt = req.get("label_format")
+        fmt = (fmt[0] if fmt else None) if isinstance(fmt, (list, tuple)) else fmt  # /info default: a list
+        fmt = str(fmt or LABEL_FORMATS[0]).lstrip(".")
+        if fmt not in LABEL_FORMATS:
+            raise InferRequestError(f"unknown label_format {fmt!r}; choose one of {list(LABEL_FORMATS)}", 400)
+        detection = self.type == InferType.DETECTION
+        refine = str(req.get("refine_boxes", False)).lower() in ("1", "true", "yes")
+        try:
+            pred = predictor.predict(image, with_masks=(not detection) or refine, regions=[i + 1 for i in indices])
+        except ImageReadError as e:
+            raise InferRequestError(f"cannot read the image: {e}", status=422) from e
+        geometry = image_geometry(image, pred.image_shape)
+        result = pred.to_json()
+        result.update({
+            "boxes": [r["box"] for r in result["regions"]],
+            "labels": [r["name"] for r in result["regions"]],
+            "label_ids": [r["id"] for r in result["regions"]],
+            "scores": [r["score"] for r in result["regions"]],
+            "latencies": pred.timing,
+        })
+        if detection:
+            fd, out = tempfile.mkstemp(suffix=".json", prefix="anatomy_detection_")
+            os.close(fd)
+            write_slicer_roi_markups(pred, geometry, out)
+            import json as _json
+
+            with open(out, encoding="utf-8") as fh:
+                doc = _json.load(fh)
+            result["box"] = [m["center"] + m["size"] for m in doc["markups"]]  # MONAI DetectionWriter form
+            result["label"] = result["labels"]
+            result["label_names"] = {r["name"]: r["id"] for r in result["regions"]}
+            result["format"] = "slicer-markups-roi-json"
+            return out, result
+        fd, out = tempfile.mkstemp(suffix="." + fmt, prefix="anatomy_segmentation_")
+        os.close(fd)
+        if fmt == "seg.nrrd":
+            _, segments = write_seg_nrrd(pred, geometry, out)
+            result["segments"] = segments
+            result["label_names"] = {r["name"]: r["id"] for r in result["regions"]}
+        else:  # label values 1..N in request order: the panel maps value k to the k-th name
+            values = list(range(1, len(pred.indices) + 1))
+            write_flat_labelmap(pred, geometry, out, values=values)
+            result["label_names"] = {n: v for n, v in zip(pred.names, values)}
+        result["format"] = fmt
+        return out, result
+
+    # BasicInferTask declares these abstract; all work happens in anatomy_vlm.predict.
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         return []
 

@@ -48,3 +48,17 @@ class PredictorMissingError(InferUnavailableError):
     """A checkpoint exists, but this version of the app has no predictor to run it: 501."""
 
     status = 501
+
+
+class CheckpointUnusableError(InferUnavailableError):
+    """A file exists at the checkpoint path but cannot be loaded (corrupt, other registry): 503."""
+
+    status = 503
+
+
+class InferRequestError(InferUnavailableError):
+    """The request itself is wrong (unknown image id 404, unknown region 400, unreadable image 422)."""
+
+    def __init__(self, message: str, status: int = 400):
+        self.status = status
+        super().__init__(message)
