@@ -47,7 +47,7 @@ def _evaluate(a: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, a.threads))
     result = run_evaluation(a.checkpoint, a.demo, a.task, split=a.split, overlays_dir=a.overlays,
                             limit=a.limit, progress=not a.quiet and not a.json,
-                            mask_boxes=not a.decoder_boxes)
+                            mask_boxes=a.mask_boxes)
     if a.output:
         write_json_atomic(result, a.output)
     print(json.dumps(result, indent=2) if a.json else format_report(result))
@@ -88,7 +88,20 @@ def _predict(a: argparse.Namespace) -> int:
         predictor = Predictor.from_checkpoint(ckpt, cache_dir=None if a.no_cache else a.cache_dir)
     except CheckpointFormatError as e:
         raise ValueError(str(e)) from e
-    pred = predictor.predict(a.image, with_masks=bool(a.masks), regions=a.regions or None)
+    masks = bool(a.masks or a.overlay or a.mask_boxes)
+    pred = predictor.predict(a.image, with_masks=masks, regions=a.regions or None)
+    if a.overlay:
+        import numpy as np
+
+        from .evaluate import draw_overlay
+        from .io import read_image
+
+        if len(pred.boxes) != 29:
+            raise ValueError("--overlay draws all 29 regions: do not combine it with --regions")
+        img = draw_overlay(read_image(a.image).pixels, pred.boxes, np.zeros_like(pred.boxes),
+                           np.zeros(len(pred.boxes), bool), scores=pred.scores, pred_masks=pred.masks,
+                           title=f"{Path(a.image).name}: predicted boxes and masks ({ckpt.name})")
+        img.save(a.overlay)
     if a.masks:
         from .io import read_image
 
@@ -144,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", help="also write the JSON result to this file")
     e.add_argument("--overlays", help="write one overlay PNG per study into this folder")
     e.add_argument("--limit", type=int, help="evaluate only the first N studies of the split")
-    e.add_argument("--decoder-boxes", action="store_true",
-                   help="detection: score the decoder's boxes instead of the mask-refined boxes the server gives")
+    e.add_argument("--mask-boxes", action="store_true",
+                   help="detection: score the masks' bounding boxes (the server's refine_boxes option) "
+                        "instead of the decoder's boxes (its default)")
     e.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_evaluate)
@@ -155,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print JSON: {image, image_shape, regions: [{name, id, box, score}]}")
     pr.add_argument("--masks", metavar="OUT.nii.gz", help="also write the region masks (x=col, y=row, k=region)")
     pr.add_argument("--regions", help="comma-separated region names (default all 29)")
+    pr.add_argument("--overlay", metavar="OUT.png", help="also draw the predicted boxes and masks into a PNG")
+    pr.add_argument("--mask-boxes", action="store_true",
+                    help="report the masks' bounding boxes instead of the decoder's boxes (also implied by "
+                         "--masks/--overlay)")
     pr.add_argument("--cache-dir", help="embedding cache folder (default: memory only)")
     pr.add_argument("--no-cache", action="store_true", help=argparse.SUPPRESS)
     pr.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")

@@ -373,10 +373,13 @@ def draw_overlay(image: np.ndarray, pred_boxes: np.ndarray, gt_boxes: np.ndarray
 
 # --------------------------------------------------------------------------------------- running
 def _load_predictor(checkpoint: str | os.PathLike) -> Any:
-    """``anatomy_vlm.predict.Predictor.from_checkpoint(checkpoint)`` (imported only here)."""
+    """``anatomy_vlm.predict.Predictor.from_checkpoint(checkpoint)`` (imported only here), with the
+    embedding cache in ``$ANATOMY_VLM_CACHE/embeddings`` (or ``ANATOMY_VLM_EMBEDDINGS``) so images
+    encoded once, in training or an earlier evaluation, are not encoded again."""
+    from .embed import default_cache_dir
     from .predict import Predictor
 
-    return Predictor.from_checkpoint(checkpoint)
+    return Predictor.from_checkpoint(checkpoint, cache_dir=os.environ.get("ANATOMY_VLM_EMBEDDINGS") or default_cache_dir())
 
 
 def _jsonable(value: Any, max_chars: int = 4000) -> Any:
@@ -420,7 +423,7 @@ def _data_summary(ds: Any, root: Path, split: str, n: int) -> dict[str, Any]:
 def run_evaluation(checkpoint: str | os.PathLike | None, demo_root: str | os.PathLike, task: str = "detection",
                    split: str = "test", overlays_dir: str | os.PathLike | None = None, limit: int | None = None,
                    *, predictor: Any = None, progress: bool = False, score_threshold: float = 0.5,
-                   mask_boxes: bool = True) -> dict[str, Any]:
+                   mask_boxes: bool = False) -> dict[str, Any]:
     """Predict a split of the demo studies with a checkpoint and compute the task's metrics.
 
     Args:
@@ -437,8 +440,8 @@ def run_evaluation(checkpoint: str | os.PathLike | None, demo_root: str | os.Pat
         progress: show a progress bar (stderr).
         score_threshold: overlays draw predicted boxes scoring at least this.
         mask_boxes: detection scores the boxes the predictor gives with masks on (each region's box
-            is its predicted mask's bounding box, what the ``anatomy_detection`` task serves);
-            ``False`` scores the decoder's own boxes.
+            is its predicted mask's bounding box: ``anatomy_detection`` with ``refine_boxes``);
+            the default scores the decoder's own boxes, what ``anatomy_detection`` serves by default.
 
     Returns:
         JSON-able ``{"data": {"source", "root", "split", "n_images", "manifest_seed", "manifest_command",

@@ -164,13 +164,16 @@ class Predictor:
         cache_dir: Folder for the disk cache; ``None`` keeps embeddings in memory only.
         memory_items: Size of the in-memory LRU of embeddings.
         mask_chunk: Regions upsampled to the original grid at once (bounds memory on large images).
+        refine_steps: Mask passes gated by the previous masks' boxes after the first one, gated by
+            the decoder's boxes (see ``AnatomyVLM.forward``).
 
     Attributes:
         encoder_calls: Number of encoder forward passes so far (tests and benchmarks read it).
     """
 
     def __init__(self, model: torch.nn.Module, meta: dict[str, Any] | None = None,
-                 cache_dir: str | os.PathLike | None = None, memory_items: int = 32, mask_chunk: int = 4):
+                 cache_dir: str | os.PathLike | None = None, memory_items: int = 32, mask_chunk: int = 4,
+                 refine_steps: int = 1):
         from .embed import encoder_tag
 
         self.model = model.eval()
@@ -181,6 +184,7 @@ class Predictor:
         tag = encoder_tag(enc) if enc is not None else "no-encoder"
         self.cache = EmbeddingCache(cache_dir, tag, memory_items=memory_items)
         self.mask_chunk = max(1, int(mask_chunk))
+        self.refine_steps = int(refine_steps)
         self.encoder_calls = 0
         self._encoder_lock = threading.Lock()
         self._shapes: dict[str, tuple[int, int]] = {}
@@ -296,7 +300,8 @@ class Predictor:
         with torch.no_grad():
             # All 29 masks in one call even for a subset: the query mask head computes its per-pixel
             # features once per image and pairs region embeddings with boxes by position.
-            out = self.model(images=x[None] if with_masks else None, embeddings=emb[None], with_masks=with_masks)
+            out = self.model(images=x[None] if with_masks else None, embeddings=emb[None], with_masks=with_masks,
+                             refine_steps=self.refine_steps if with_masks else 0)
             boxes_in = out.boxes_xyxy[0].float() * S  # (Q, 4) input-frame pixel edges
             scores = out.scores[0].float().numpy()
             logits = out.masks[0][idx] if with_masks else None

@@ -50,12 +50,14 @@ from .data import ChestImaGenomeDataset, DemoDataset, to_model_targets
 from .embed import default_cache_dir, embed_files, encoder_tag
 from .losses import AnatomyCriterion
 from .model import box_cxcywh_to_xyxy, build_model, letterbox
+from .model.query_mask_head import mask_boxes
 
 DEFAULTS: dict[str, Any] = {
     "data": {"kind": "demo", "root": "data/demo", "train_split": "train", "val_split": "val"},
     "model": {},
     "train": {"epochs": 60, "batch_size": 8, "lr": 4e-4, "lr_min": 1e-5, "weight_decay": 1e-4,
               "grad_clip": 1.0, "loss_weights": {}, "aux_weight": 0.5, "seed": 0, "val_every": 5,
+              "gate_jitter": 0.08,
               "threads": 2, "cache_dir": None},
     "output": {"checkpoint": "apps/anatomy_vlm/model/anatomy_vlm.pt", "run_dir": "runs/anatomy"},
 }
@@ -166,22 +168,6 @@ def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / (area(a) + area(b) - inter + 1e-9)
 
 
-def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """``(..., H, W)`` bool masks -> ``(..., 4)`` ``[x0, y0, x1, y1]`` pixel edges (zeros if empty)."""
-    rows = masks.any(-1)
-    cols = masks.any(-2)
-    H, W = masks.shape[-2:]
-    r_idx = torch.arange(H, device=masks.device)
-    c_idx = torch.arange(W, device=masks.device)
-    big = 10 ** 9
-    y0 = torch.where(rows, r_idx, big).min(-1).values
-    y1 = torch.where(rows, r_idx, -1).max(-1).values + 1
-    x0 = torch.where(cols, c_idx, big).min(-1).values
-    x1 = torch.where(cols, c_idx, -1).max(-1).values + 1
-    b = torch.stack([x0, y0, x1, y1], -1).float()
-    return torch.where(rows.any(-1, keepdim=True), b, torch.zeros_like(b))
-
-
 @torch.no_grad()
 def validate(model, data: _Prepared, batch_size: int = 8) -> dict[str, float]:
     """Quick validation in the input frame: mean IoU of decoder boxes and of mask boxes, mean Dice."""
@@ -191,7 +177,7 @@ def validate(model, data: _Prepared, batch_size: int = 8) -> dict[str, float]:
     for start in range(0, len(data), batch_size):
         idx = list(range(start, min(len(data), start + batch_size)))
         images, emb, tgt = data.batch(idx)
-        out = model(images=images, embeddings=emb, with_masks=model.mask_head is not None)
+        out = model(images=images, embeddings=emb, with_masks=model.mask_head is not None, refine_steps=1)
         gt = box_cxcywh_to_xyxy(tgt["boxes"]) * S
         ok = tgt["present"] & tgt["valid"]
         ious_dec.append(_box_iou(out.boxes_xyxy * S, gt)[ok])
@@ -208,6 +194,15 @@ def validate(model, data: _Prepared, batch_size: int = 8) -> dict[str, float]:
         res["dice"] = float(torch.cat(dices).mean())
     res["score"] = res.get("iou_mask", res["iou_decoder"]) + res.get("dice", 0.0)
     return res
+
+
+def jitter_boxes(boxes_xyxy: torch.Tensor, scale: float, gen: torch.Generator) -> torch.Tensor:
+    """Ground-truth boxes with every edge moved by N(0, scale * box size): the mask head's gates
+    during training, so it learns to correct a roughly right box (at inference the gates are the
+    decoder's boxes, then the previous masks' boxes, see ``AnatomyVLM.forward(refine_steps=...)``)."""
+    wh = (boxes_xyxy[..., 2:] - boxes_xyxy[..., :2]).clamp(min=2.0)
+    noise = torch.randn(boxes_xyxy.shape, generator=gen) * scale
+    return boxes_xyxy + noise * torch.cat([wh, wh], -1)
 
 
 def _dist_init() -> tuple[int, int]:
@@ -291,8 +286,12 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
             emb = emb_all[idx].float().to(device) if emb_all is not None else None
             images = images.to(device)
             tgt = {k: v.to(device) for k, v in tgt.items()}
+            gates = None
+            if model.mask_head is not None and tc["gate_jitter"] > 0:
+                gates = jitter_boxes(box_cxcywh_to_xyxy(tgt["boxes"]) * model.input_size, tc["gate_jitter"], gen)
             with autocast:
-                out = ddp_model(images=images, embeddings=emb, with_masks=model.mask_head is not None)
+                out = ddp_model(images=images, embeddings=emb, with_masks=model.mask_head is not None,
+                                prompt_boxes=gates)
                 losses = criterion(out, tgt)
                 loss = losses["loss"]
                 for aux in out.aux_outputs or []:

@@ -286,11 +286,11 @@ def test_run_evaluation_detection_and_overlays(demo_studies, tmp_path):
     assert "build-demo" in d["manifest_command"] and len(d["ids"]) == 3
     assert res["task"] == "detection" and res["checkpoint"]["meta"]["command"] == "oracle (test)"
     assert res["metrics"]["mAP"] == pytest.approx(1.0) and res["metrics"]["mean_iou"] == pytest.approx(1.0, abs=1e-5)
-    assert all(w is True for _, w in oracle.calls)  # detection scores the served, mask-refined boxes
+    assert all(w is False for _, w in oracle.calls)  # detection scores the served (decoder) boxes
     n = len(oracle.calls)
     run_evaluation(tmp_path / "none.pt", demo_studies.root, "detection", split="all", limit=1,
-                   predictor=oracle, mask_boxes=False)
-    assert [w for _, w in oracle.calls[n:]] == [False]
+                   predictor=oracle, mask_boxes=True)
+    assert [w for _, w in oracle.calls[n:]] == [True]
     pngs = sorted((tmp_path / "ov").glob("*.png"))
     assert [p.stem for p in pngs] == sorted(d["ids"])
     from PIL import Image

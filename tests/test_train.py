@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from anatomy_vlm.checkpoint import CheckpointFormatError, load_model, read_checkpoint
-from anatomy_vlm.train import load_config, mask_boxes, train
+from anatomy_vlm.model.query_mask_head import mask_boxes
+from anatomy_vlm.train import load_config, train
 
 TINY = {"decoder": {"d_model": 64, "num_layers": 2, "num_heads": 4, "dim_feedforward": 128, "embed_dim": 64}}
 

@@ -26,7 +26,7 @@ from .boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .decoder import AnatomyDecoder
 from .encoder import CheckpointError, LiteMedSAMEncoder, ViTEncoder, load_litemedsam_state
 from .mask_head import BoxPromptMaskHead
-from .query_mask_head import QueryMaskHead
+from .query_mask_head import QueryMaskHead, mask_boxes
 from .outputs import AnatomyOutput, MaskOutput
 from .preprocess import INPUT_SIZE, Letterbox, letterbox, preprocess_radiograph
 
@@ -85,7 +85,8 @@ class AnatomyVLM(nn.Module):
         return self.encoder(images)
 
     def forward(self, images: torch.Tensor | None = None, embeddings: torch.Tensor | None = None,
-                with_masks: bool = False, prompt_boxes: torch.Tensor | None = None) -> AnatomyOutput:
+                with_masks: bool = False, prompt_boxes: torch.Tensor | None = None,
+                refine_steps: int = 0) -> AnatomyOutput:
         """Predict the regions of a batch.
 
         Args:
@@ -95,6 +96,10 @@ class AnatomyVLM(nn.Module):
             with_masks: Also run the mask head (all ``B x K`` regions in one call).
             prompt_boxes: ``(B, K, 4)`` ``[x0, y0, x1, y1]`` input-frame pixel edges for the mask head
                 (box prompts for ``sam``, box gates for ``query``); default the predicted boxes, detached.
+            refine_steps: Query head: run the mask head again this many times, each time gated by the
+                bounding boxes of the previous masks (regions whose mask is empty keep their box). The
+                head is trained with jittered ground-truth boxes as gates, so it corrects a box that is
+                roughly right; starting from the decoder's boxes, one step usually suffices.
 
         Returns:
             :class:`AnatomyOutput`; ``masks`` ``(B, K, 256, 256)`` logits when ``with_masks``.
@@ -110,7 +115,13 @@ class AnatomyVLM(nn.Module):
             if prompt_boxes is None:
                 prompt_boxes = out.boxes_xyxy.detach() * self.input_size
             if isinstance(self.mask_head, QueryMaskHead):
-                out.masks = self.mask_head(embeddings, out.region_embeddings, prompt_boxes, images)
+                pix = self.mask_head.pixel_features(embeddings, images)
+                out.masks = self.mask_head.decode(pix, out.region_embeddings, prompt_boxes)
+                for _ in range(int(refine_steps)):
+                    mb = mask_boxes(out.masks > 0).to(prompt_boxes.dtype)
+                    empty = (mb[..., 2:] <= mb[..., :2]).any(-1, keepdim=True)
+                    prompt_boxes = torch.where(empty, prompt_boxes, mb)
+                    out.masks = self.mask_head.decode(pix, out.region_embeddings, prompt_boxes)
             else:
                 m = self.mask_head(embeddings, prompt_boxes)
                 out.masks, out.mask_iou = m.masks, m.iou

@@ -28,7 +28,7 @@ from ..anatomy import NUM_REGIONS
 from .encoder import _strict_load, build_litemedsam_part, load_litemedsam_state, sub_state
 from .preprocess import INPUT_SIZE
 
-__all__ = ["QueryMaskHead", "soft_boxes"]
+__all__ = ["QueryMaskHead", "mask_boxes", "soft_boxes"]
 
 
 def soft_boxes(boxes_xyxy: torch.Tensor, size: int, edge: float = 1.0) -> torch.Tensor:
@@ -89,6 +89,13 @@ class QueryMaskHead(nn.Module):
             return p + self.refine(torch.cat([p, img], 1))
         return p + self.refine(p)
 
+    def decode(self, pixels: torch.Tensor, region_embeddings: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Tensor:
+        """Mask logits ``(B, K, S, S)`` from precomputed :meth:`pixel_features` (cheap: repeatable)."""
+        w = self.hyper(region_embeddings)  # (B, K, 32)
+        logits = torch.einsum("bkc,bchw->bkhw", w, pixels)
+        gate = soft_boxes(boxes_xyxy, pixels.shape[-1]) * 2 - 1
+        return logits + self.box_weight[None, : logits.shape[1], None, None] * gate
+
     def forward(self, embeddings: torch.Tensor, region_embeddings: torch.Tensor, boxes_xyxy: torch.Tensor,
                 images: torch.Tensor | None = None) -> torch.Tensor:
         """Mask logits ``(B, K, 256, 256)`` in the input frame.
@@ -99,8 +106,20 @@ class QueryMaskHead(nn.Module):
             boxes_xyxy: ``(B, K, 4)`` input-frame pixel edges (detach them: the box loss trains boxes).
             images: ``(B, 3, 256, 256)`` letterboxed inputs when ``use_image``.
         """
-        pix = self.pixel_features(embeddings, images)
-        w = self.hyper(region_embeddings)  # (B, K, 32)
-        logits = torch.einsum("bkc,bchw->bkhw", w, pix)
-        gate = soft_boxes(boxes_xyxy, pix.shape[-1]) * 2 - 1
-        return logits + self.box_weight[None, : logits.shape[1], None, None] * gate
+        return self.decode(self.pixel_features(embeddings, images), region_embeddings, boxes_xyxy)
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """``(..., H, W)`` bool masks -> ``(..., 4)`` ``[x0, y0, x1, y1]`` pixel edges (zeros if empty)."""
+    rows = masks.any(-1)
+    cols = masks.any(-2)
+    H, W = masks.shape[-2:]
+    r_idx = torch.arange(H, device=masks.device)
+    c_idx = torch.arange(W, device=masks.device)
+    big = 10 ** 9
+    y0 = torch.where(rows, r_idx, big).min(-1).values
+    y1 = torch.where(rows, r_idx, -1).max(-1).values + 1
+    x0 = torch.where(cols, c_idx, big).min(-1).values
+    x1 = torch.where(cols, c_idx, -1).max(-1).values + 1
+    b = torch.stack([x0, y0, x1, y1], -1).float()
+    return torch.where(rows.any(-1, keepdim=True), b, torch.zeros_like(b))
