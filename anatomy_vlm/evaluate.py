@@ -541,19 +541,15 @@ def format_report(result: dict[str, Any], worst: int = 5) -> str:
     if task == "detection":
         lines.append(f"mAP@[.5:.95] {f(m['mAP'])}   AP50 {f(m['AP50'])}   AP75 {f(m['AP75'])}   "
                      f"mean IoU {f(m['mean_iou'])}")
-        ranked = sorted(((r["AP"], n, r) for n, r in m["per_region"].items() if r["AP"] is not None),
-                        key=lambda x: x[0])[:worst]
-        lines.append(f"worst {len(ranked)} regions by AP:")
-        lines += [f"  {n:<28s} AP {f(r['AP'])}  AP50 {f(r['AP50'])}  AP75 {f(r['AP75'])}  IoU {f(r['mean_iou'])}"
-                  for _, n, r in ranked]
+        key, cols = "AP", (("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("IoU", "mean_iou"))
     else:
         lines.append(f"Dice heart {f(m['dice_heart'])}   right lung {f(m['dice_right_lung'])}   "
                      f"left lung {f(m['dice_left_lung'])}   mean {f(m['mean_dice'])}   (mean IoU {f(m['mean_iou'])})")
-        ranked = sorted(((r["dice"], n, r) for n, r in m["per_region"].items() if r["dice"] is not None),
-                        key=lambda x: x[0])[:worst]
-        lines.append(f"worst {len(ranked)} regions by Dice:")
-        lines += [f"  {n:<28s} Dice {f(r['dice'])}  IoU {f(r['iou'])}  min Dice {f(r['dice_min'])}"
-                  for _, n, r in ranked]
+        key, cols = "dice", (("Dice", "dice"), ("IoU", "iou"), ("min Dice", "dice_min"))
+    ranked = sorted(((r[key], n, r) for n, r in m["per_region"].items() if r[key] is not None),
+                    key=lambda x: x[0])[:worst]
+    lines.append(f"worst {len(ranked)} regions by {cols[0][0]}:")
+    lines += [f"  {n:<28s} " + "  ".join(f"{label} {f(r[k])}" for label, k in cols) for _, n, r in ranked]
     if m.get("regions_without_gt"):
         lines.append(f"regions without ground truth (not scored): {', '.join(m['regions_without_gt'])}")
     if result.get("overlays_dir"):

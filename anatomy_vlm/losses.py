@@ -41,7 +41,9 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from monai.data.box_utils import box_pair_giou, convert_box_mode
+from monai.data.box_utils import box_pair_giou
+
+from .model.boxes import box_cxcywh_to_xyxy
 
 __all__ = [
     "LOSS_TERMS", "DEFAULT_WEIGHTS", "AnatomyCriterion", "BatchTargets", "match_identity",
@@ -97,15 +99,8 @@ def match_identity(num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, idx
 
 
-def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    """``(..., 4)`` ``(cx, cy, w, h)`` -> ``(..., 4)`` ``(x0, y0, x1, y1)`` via MONAI's ``convert_box_mode``.
-
-    MONAI calls the centre-size mode ``"ccwh"`` and the corner mode ``"xyxy"`` (its StandardMode);
-    it takes ``(N, 4)`` for 2D boxes, so leading dimensions are flattened and restored.
-    Negative sizes are clamped to 0 by MONAI. Differentiable.
-    """
-    flat = boxes.reshape(-1, 4)
-    return convert_box_mode(flat, src_mode="ccwh", dst_mode="xyxy").reshape(boxes.shape)
+cxcywh_to_xyxy = box_cxcywh_to_xyxy
+"""``(..., 4)`` ``(cx, cy, w, h)`` -> ``(x0, y0, x1, y1)``: :func:`anatomy_vlm.model.boxes.box_cxcywh_to_xyxy`."""
 
 
 def l1_box_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

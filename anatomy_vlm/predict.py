@@ -38,6 +38,7 @@ import torch
 from .anatomy import NUM_REGIONS, REGION_NAMES, REGIONS, region as _lookup_region
 from .cache import EmbeddingCache, file_digest
 from .io import Radiograph, read_image
+from .model.query_mask_head import mask_boxes
 
 logger = logging.getLogger(__name__)
 
@@ -138,15 +139,6 @@ class Prediction:
                 for k, i in enumerate(p.indices)
             ],
         }
-
-
-def _mask_bbox(mask: np.ndarray) -> np.ndarray | None:
-    """``[x0, y0, x1, y1]`` pixel edges of a bool ``(H, W)`` mask, or None if empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)
 
 
 class Predictor:
@@ -315,10 +307,10 @@ class Predictor:
                 with torch.no_grad():
                     up = box.masks_to_original(logits[k:k + self.mask_chunk].float())
                 masks[k:k + self.mask_chunk] = (up > 0).numpy()
+            mb = mask_boxes(torch.from_numpy(masks)).numpy()
             for k in range(len(idx)):
-                bb = _mask_bbox(masks[k])
-                if bb is not None:
-                    final[k], source[k] = bb, "mask"
+                if mb[k, 2] > mb[k, 0]:  # non-empty mask
+                    final[k], source[k] = mb[k], "mask"
         t3 = time.perf_counter()
         timing = {"embed": round(t1 - t0, 4), "cached": bool(cached), "decode": round(t2 - t1, 4),
                   "masks": round(t3 - t2, 4), "total": round(t3 - t0, 4)}

@@ -43,8 +43,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .anatomy import NUM_REGIONS, REGISTRY_VERSION
-from .cache import EmbeddingCache, file_digest
+from .anatomy import REGISTRY_VERSION
+from .cache import EmbeddingCache
 from .checkpoint import save_checkpoint
 from .data import ChestImaGenomeDataset, DemoDataset, to_model_targets
 from .embed import default_cache_dir, embed_files, encoder_tag
@@ -160,12 +160,11 @@ class _Prepared:
         return images, emb, tgt
 
 
-def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    lt = torch.maximum(a[..., :2], b[..., :2])
-    rb = torch.minimum(a[..., 2:], b[..., 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area = lambda x: (x[..., 2:] - x[..., :2]).clamp(min=0).prod(-1)  # noqa: E731
-    return inter / (area(a) + area(b) - inter + 1e-9)
+def _ious(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Element-wise IoU of ``(..., 4)`` xyxy boxes (:func:`anatomy_vlm.evaluate.box_ious`)."""
+    from .evaluate import box_ious
+
+    return torch.from_numpy(box_ious(a.numpy(), b.numpy())).float().reshape(a.shape[:-1])
 
 
 @torch.no_grad()
@@ -180,10 +179,10 @@ def validate(model, data: _Prepared, batch_size: int = 8) -> dict[str, float]:
         out = model(images=images, embeddings=emb, with_masks=model.mask_head is not None, refine_steps=1)
         gt = box_cxcywh_to_xyxy(tgt["boxes"]) * S
         ok = tgt["present"] & tgt["valid"]
-        ious_dec.append(_box_iou(out.boxes_xyxy * S, gt)[ok])
+        ious_dec.append(_ious(out.boxes_xyxy * S, gt)[ok])
         if out.masks is not None and "masks" in tgt:
             pm = out.masks > 0
-            ious_mask.append(_box_iou(mask_boxes(pm), gt)[ok])
+            ious_mask.append(_ious(mask_boxes(pm), gt)[ok])
             g = tgt["masks"] > 0.5
             inter = (pm & g).flatten(2).sum(-1).float()
             d = 2 * inter / (pm.flatten(2).sum(-1) + g.flatten(2).sum(-1) + 1e-9)
@@ -229,13 +228,13 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
     if encoder_frozen:
         cache = EmbeddingCache(tc["cache_dir"] or default_cache_dir(), encoder_tag(model.encoder), memory_items=8)
     show = progress and rank == 0
-    if rank == 0 or cache is None:
-        train_data = _Prepared(train_ds, cache, model.encoder, model.input_size, "train", show)
-        val_data = _Prepared(val_ds, cache, model.encoder, model.input_size, "val", show) if rank == 0 else None
-    if world > 1:
+    # rank 0 prepares first (and fills the shared embedding cache); the others then read the cache
+    if rank != 0:
         dist.barrier()
-        if rank != 0:
-            train_data = _Prepared(train_ds, cache, model.encoder, model.input_size, "train", False)
+    train_data = _Prepared(train_ds, cache, model.encoder, model.input_size, "train", show)
+    val_data = _Prepared(val_ds, cache, model.encoder, model.input_size, "val", show) if rank == 0 else None
+    if rank == 0 and world > 1:
+        dist.barrier()
     # cached embeddings: keep them in memory as a tensor (float16) for speed
     emb_all = None
     if cache is not None:
@@ -333,5 +332,3 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         dist.destroy_process_group()
     return {"best": best, "seconds": round(time.time() - t0, 1), "checkpoint": oc["checkpoint"]}
 
-
-assert NUM_REGIONS == 29 and file_digest  # registry and cache loaded

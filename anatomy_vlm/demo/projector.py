@@ -88,9 +88,8 @@ class Projector:
     """Projects one prepared CT under many geometries. Holds the volumes as torch tensors.
 
     Args:
-        ct: The prepared CT.
-        hu_override: Optional HU volume replacing ``ct.hu`` (used to project CTs with inserted
-            findings); same shape.
+        ct: The prepared CT. Studies with inserted findings pass their own volumes to
+            :meth:`project` / :meth:`project_groups`.
     """
 
     def __init__(self, ct: PreparedCT):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..knowledge import FINDING_NAMES, NORMAL_SENTENCES, finding, region_phrases
+from ..knowledge import NORMAL_SENTENCES, finding, region_phrases
 
 # more specific regions are preferred when a sentence names one region
 _SPECIFICITY = ("costophrenic angle", "apical zone", "hilar structures", "upper lung zone",
@@ -63,5 +63,3 @@ def report_text(sentences: list[dict]) -> str:
             seen.append(s["text"])
     return " ".join(seen)
 
-
-assert set(FINDING_NAMES)  # knowledge loaded
