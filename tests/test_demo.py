@@ -191,3 +191,13 @@ def test_cli_rejects_bad_arguments(tmp_path):
                         "--n", "0"], capture_output=True, text=True)
     assert r.returncode == 2 and "n must be >= 1" in r.stderr
     assert not (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_costophrenic_angles_are_lateral(labelled):
+    """The costophrenic angle is at the lateral end of the lung base (a medial/lateral swap in the
+    rules would still keep right left of left)."""
+    for s, masks, _, _ in labelled:
+        for side, sign in (("right", -1), ("left", 1)):
+            lung_c = _centroid(_m(masks, f"{side} lung"))[1]
+            cp_c = _centroid(_m(masks, f"{side} costophrenic angle"))[1]
+            assert sign * (cp_c - lung_c) > 0, (s["id"], side)
