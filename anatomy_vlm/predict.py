@@ -175,6 +175,8 @@ class Predictor:
         enc = getattr(model, "encoder", None)
         tag = encoder_tag(enc) if enc is not None else "no-encoder"
         self.cache = EmbeddingCache(cache_dir, tag, memory_items=memory_items)
+        self._encode = None  # built on the first encode: ONNX Runtime when it works, else PyTorch
+        self.encoder_backend = "not loaded"
         self.mask_chunk = max(1, int(mask_chunk))
         self.refine_steps = int(refine_steps)
         self.encoder_calls = 0
@@ -253,11 +255,24 @@ class Predictor:
             cached = emb is not None
             if not cached:
                 with torch.no_grad():
-                    emb = self.model.encode(x[None])[0].float()
+                    emb = self._encoder()(x[None])[0].float()
                 self.encoder_calls += 1
                 self.cache.put(digest, emb)
         self._remember(digest, box.original_size, x)
         return emb, box, cached, src, x
+
+    def _encoder(self):
+        """The encoder callable (first call: export to / load from ONNX Runtime; see
+        :mod:`anatomy_vlm.model.onnx_encoder`); call with the encoder lock held."""
+        if self._encode is None:
+            from .model.onnx_encoder import fast_encoder
+
+            if self.model.encoder is None:
+                raise ValueError("this model has no encoder and the image's embedding is not cached")
+            root = self.cache.root.parent if self.cache.root else None
+            self._encode = fast_encoder(self.model.encoder, root, self.cache.tag)
+            self.encoder_backend = "pytorch" if self._encode is self.model.encoder else "onnxruntime"
+        return self._encode
 
     def _remembered_input(self, digest: str) -> torch.Tensor | None:
         with self._inputs_lock:

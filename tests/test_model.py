@@ -16,6 +16,7 @@ from anatomy_vlm.anatomy import NUM_REGIONS
 from anatomy_vlm.model.query_mask_head import soft_boxes
 from anatomy_vlm.model import (
     AnatomyDecoder,
+    BoxRefiner,
     AnatomyOutput,
     AnatomyVLM,
     CheckpointError,
@@ -264,7 +265,9 @@ def test_forward_on_cached_embeddings_shapes(model, embedding):
     assert out.global_embedding.shape == (2, TINY_DECODER["embed_dim"])
     assert out.boxes_xyxy.shape == (2, NUM_REGIONS, 4)
     assert out.masks is None
-    assert len(out.aux_outputs) == TINY_DECODER["num_layers"] - 1
+    stages = len(model.box_refiner.stages)
+    # earlier decoder layers, the decoder's own boxes, then every refinement stage but the last
+    assert len(out.aux_outputs) == TINY_DECODER["num_layers"] - 1 + stages
     assert out.aux_outputs[0].boxes.shape == (2, NUM_REGIONS, 4)
     with pytest.raises(ValueError, match="images=, embeddings= or both"):
         model()
@@ -274,11 +277,14 @@ def test_decoder_trains_on_cached_embeddings(model, embedding):
     model.train()
     try:
         out = model(embeddings=embedding)
-        (out.boxes.sum() + out.presence_logits.sum() + out.region_embeddings.sum()).backward()
+        # the refiner works on detached decoder boxes: the decoder's boxes train through their aux output
+        aux = sum(a.boxes.sum() for a in out.aux_outputs)
+        (out.boxes.sum() + aux + out.presence_logits.sum() + out.region_embeddings.sum()).backward()
     finally:
         model.eval()
     assert all(p.grad is None for p in model.encoder.parameters())
     assert model.decoder.box_head[-1].weight.grad is not None
+    assert model.box_refiner.stages[-1].out[-1].weight.grad is not None
     assert model.decoder.query_content.weight.grad is not None
     model.zero_grad(set_to_none=True)
 
@@ -394,3 +400,62 @@ def test_soft_boxes_cover_pixel_centres_inside():
     g = soft_boxes(torch.tensor([[[2.0, 3.0, 6.0, 5.0]]]), 8)[0, 0]
     assert g[3, 3] > 0.8 and g[3, 2] > 0.7 and g[4, 5] > 0.7  # pixel centres (3.5, 2.5) and (4.5, 5.5) are inside
     assert g[2, 2] < 0.2 and g[3, 6] < 0.2 and g[5, 3] < 0.2
+
+
+# ----- box refiner -------------------------------------------------------------------------------------
+
+def test_box_refiner_starts_as_identity_and_keeps_boxes_valid():
+    ref = BoxRefiner(in_channels=8, embed_dim=4, stages=2, channels=8, roi_size=4, hidden=16)
+    feats = torch.randn(2, 8, 16, 16)
+    boxes = torch.tensor([[0.5, 0.4, 0.3, 0.2], [0.2, 0.7, 0.1, 0.3]]).expand(2, 2, 4).contiguous()
+    outs = ref(feats, boxes, torch.randn(2, 2, 4))
+    assert len(outs) == 2
+    torch.testing.assert_close(outs[-1], boxes, atol=1e-5, rtol=0)
+    # random last layers: boxes still inside the frame with positive size
+    for st in ref.stages:
+        torch.nn.init.normal_(st.out[-1].weight, std=5.0)
+    out = ref(feats, boxes, torch.randn(2, 2, 4))[-1]
+    xyxy = box_cxcywh_to_xyxy(out)
+    assert float(xyxy.min()) >= 0 and float(xyxy.max()) <= 1
+    assert bool((out[..., 2:] > 0).all())
+    with pytest.raises(ValueError, match="context"):
+        BoxRefiner(in_channels=8, embed_dim=4, stages=2, channels=8, context=[1.5])
+
+
+def test_box_refiner_learns_to_move_edges_towards_what_the_features_show():
+    """A bright square on the feature map; starting boxes shifted off it; a few hundred steps must
+    bring the refined boxes much closer to the square than the starting boxes are."""
+    torch.manual_seed(0)
+    ref = BoxRefiner(in_channels=1, embed_dim=4, stages=2, channels=8, roi_size=8, hidden=64, context=[1.6, 1.2])
+    opt = torch.optim.Adam(ref.parameters(), lr=3e-3)
+
+    def batch(n):
+        c = torch.rand(n, 2) * 0.4 + 0.3
+        s = torch.rand(n, 2) * 0.2 + 0.15
+        truth = torch.cat([c, s], -1)
+        feats = torch.zeros(n, 1, 32, 32)
+        xy = (torch.arange(32) + 0.5) / 32
+        for i in range(n):
+            x0, y0, x1, y1 = box_cxcywh_to_xyxy(truth[i]).tolist()
+            feats[i, 0] = (((xy >= y0) & (xy <= y1))[:, None] & ((xy >= x0) & (xy <= x1))[None]).float()
+        start = truth + torch.cat([torch.randn(n, 2) * 0.04, torch.randn(n, 2) * 0.03], -1)
+        return feats, start[:, None].clamp(0.05, 0.95), truth[:, None]
+
+    def iou(a, b):
+        from anatomy_vlm.evaluate import box_ious
+        return float(torch.from_numpy(box_ious(box_cxcywh_to_xyxy(a).reshape(-1, 4).numpy(),
+                                               box_cxcywh_to_xyxy(b).reshape(-1, 4).numpy())).mean())
+
+    emb = torch.zeros(1, 1, 4)
+    for _ in range(300):
+        f, s, t = batch(16)
+        outs = ref(f, s, emb.expand(16, -1, -1))
+        loss = sum((o - t).abs().mean() for o in outs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    f, s, t = batch(64)
+    with torch.no_grad():
+        out = ref(f, s, emb.expand(64, -1, -1))[-1]
+    before, after = iou(s, t), iou(out, t)
+    assert after > before + 0.1, (before, after)

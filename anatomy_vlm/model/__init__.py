@@ -6,7 +6,8 @@ Build one with :func:`build_model` from a plain config dict (the schema is in it
 * :func:`~anatomy_vlm.model.preprocess.letterbox` turns a grey ``(H, W)`` image into the
   ``(3, 256, 256)`` input (min-max, longest side to 256, zero pad bottom/right) and a
   :class:`~anatomy_vlm.model.preprocess.Letterbox` that maps back;
-* the model predicts per region ``[cx, cy, w, h]`` normalised to the 256x256 input frame;
+* the model predicts per region ``[cx, cy, w, h]`` normalised to the 256x256 input frame (the decoder
+  places the box, the :class:`~anatomy_vlm.model.box_refiner.BoxRefiner` moves its edges);
 * ``box_cxcywh_to_xyxy(boxes) * 256`` are input-frame pixel edges, which prompt the mask head and which
   ``Letterbox.boxes_to_original`` turns into original-image ``[x0, y0, x1, y1]`` pixel edges
   (DESIGN.md section 7). Masks come at 256x256 in the input frame; ``Letterbox.masks_to_original`` maps them.
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..anatomy import NUM_REGIONS
+from .box_refiner import BoxRefiner
 from .boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .decoder import AnatomyDecoder
 from .encoder import CheckpointError, LiteMedSAMEncoder, ViTEncoder, load_litemedsam_state
@@ -35,6 +37,7 @@ __all__ = [
     "AnatomyDecoder",
     "AnatomyOutput",
     "AnatomyVLM",
+    "BoxRefiner",
     "BoxPromptMaskHead",
     "QueryMaskHead",
     "CheckpointError",
@@ -66,11 +69,13 @@ class AnatomyVLM(nn.Module):
         config: The resolved config when built by :func:`build_model` (stored in checkpoint metadata).
     """
 
-    def __init__(self, encoder: nn.Module | None, decoder: AnatomyDecoder, mask_head: BoxPromptMaskHead | None = None):
+    def __init__(self, encoder: nn.Module | None, decoder: AnatomyDecoder, mask_head: BoxPromptMaskHead | None = None,
+                 box_refiner: BoxRefiner | None = None):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.mask_head = mask_head
+        self.box_refiner = box_refiner
         self.config: dict[str, Any] | None = None
 
     @property
@@ -109,6 +114,13 @@ class AnatomyVLM(nn.Module):
         if embeddings is None:
             embeddings = self.encode(images)
         out = self.decoder(embeddings)
+        if self.box_refiner is not None:
+            # the decoder's boxes and all but the last stage's become auxiliary outputs (trained too)
+            stages = self.box_refiner(embeddings, out.boxes, out.region_embeddings)
+            aux = [AnatomyOutput(boxes=out.boxes, presence_logits=out.presence_logits)]
+            aux += [AnatomyOutput(boxes=b, presence_logits=out.presence_logits) for b in stages[:-1]]
+            out.aux_outputs = tuple(out.aux_outputs) + tuple(aux)
+            out.boxes = stages[-1]
         if with_masks:
             if self.mask_head is None:
                 raise ValueError("this model has no mask head (config mask_head.enabled is false)")
@@ -136,6 +148,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
                 "embed_dim": 256, "global_embedding": True, "feature_pool": 2, "aux_outputs": True},
     "mask_head": {"enabled": True, "kind": "query", "checkpoint": None, "pretrained": True, "trainable": True,
                   "use_image": True},
+    "box_refiner": {"enabled": True, "stages": 2, "channels": 32, "roi_size": 8, "hidden": 256,
+                    "context": [1.5, 1.2]},
 }
 """The default (LiteMedSAM) config; :func:`build_model` documents every key."""
 
@@ -193,6 +207,17 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     enc = _section(config, "encoder", _ENCODERS[name])
     dec = _section(config, "decoder", DEFAULT_CONFIG["decoder"])
     mh = _section(config, "mask_head", DEFAULT_CONFIG["mask_head"])
+    br = _section(config, "box_refiner", DEFAULT_CONFIG["box_refiner"])
+    _check(isinstance(br["enabled"], bool), f"config box_refiner.enabled must be true or false, got {br['enabled']!r}")
+    for key in ("stages", "channels", "roi_size", "hidden"):
+        _check(_is_int(br[key]) and br[key] > 0, f"config box_refiner.{key} must be a positive integer, got {br[key]!r}")
+    _check(br["channels"] % 8 == 0, f"config box_refiner.channels must be a multiple of 8, got {br['channels']!r}")
+    ctx = br["context"]
+    ctx_list = [ctx] if isinstance(ctx, (int, float)) and not isinstance(ctx, bool) else ctx
+    _check(isinstance(ctx_list, list) and all(isinstance(c, (int, float)) and not isinstance(c, bool) and c >= 1
+                                              for c in ctx_list)
+           and len(ctx_list) in (1, br["stages"]),
+           f"config box_refiner.context must be a number >= 1 or a list of one per stage, got {ctx!r}")
     _check(mh["kind"] in ("query", "sam"), f"config mask_head.kind must be 'query' or 'sam', got {mh['kind']!r}")
 
     tb = enc["trainable_blocks"]
@@ -228,7 +253,7 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
            f"config decoder.d_model ({dec['d_model']}) must be even and divisible by num_heads ({dec['num_heads']})")
     _check(isinstance(dec["dropout"], (int, float)) and not isinstance(dec["dropout"], bool)
            and 0 <= dec["dropout"] < 1, f"config decoder.dropout must be a number in [0, 1), got {dec['dropout']!r}")
-    return {"encoder": enc, "decoder": dec, "mask_head": mh}
+    return {"encoder": enc, "decoder": dec, "mask_head": mh, "box_refiner": br}
 
 
 def build_model(config: Mapping[str, Any] | None = None) -> AnatomyVLM:
@@ -272,6 +297,13 @@ def build_model(config: Mapping[str, Any] | None = None) -> AnatomyVLM:
           checkpoint: null            # null = the package's lite_medsam.pth
           pretrained: true
           trainable: true             # fine-tune the mask decoder
+        box_refiner:                  # RoI heads moving each box edge (box_refiner.py)
+          enabled: true
+          stages: 2                   # cascade stages, each on the previous one's boxes
+          channels: 32                # projected feature channels sampled per box
+          roi_size: 8                 # R x R grid sampled over the enlarged box
+          hidden: 256
+          context: [1.5, 1.2]         # enlargement of the sampled box per stage
 
     The number of queries is always ``anatomy.NUM_REGIONS``. The LiteMedSAM file is read once for encoder
     and mask head. The resolved config is stored as ``model.config``.
@@ -306,6 +338,15 @@ def build_model(config: Mapping[str, Any] | None = None) -> AnatomyVLM:
                              mean=enc_cfg["mean"], std=enc_cfg["std"])
         mask_head = None
     decoder = AnatomyDecoder(in_channels=int(encoder.out_channels), num_queries=NUM_REGIONS, **dec_cfg)
-    model = AnatomyVLM(encoder, decoder, mask_head)
+    br_cfg = cfg["box_refiner"]
+    refiner = None
+    if br_cfg["enabled"]:
+        ctx = br_cfg["context"]
+        ctx = [float(ctx)] * br_cfg["stages"] if isinstance(ctx, (int, float)) else (
+            [float(ctx[0])] * br_cfg["stages"] if len(ctx) == 1 else [float(c) for c in ctx])
+        refiner = BoxRefiner(int(encoder.out_channels), dec_cfg["embed_dim"], stages=br_cfg["stages"],
+                             channels=br_cfg["channels"], roi_size=br_cfg["roi_size"], hidden=br_cfg["hidden"],
+                             context=ctx)
+    model = AnatomyVLM(encoder, decoder, mask_head, refiner)
     model.config = cfg
     return model

