@@ -121,6 +121,30 @@ def _predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_reports(a: argparse.Namespace) -> int:
+    import json
+
+    from . import report_parser as rp
+
+    if a.text:
+        doc = [{"sentence": s, "mentions": [{"finding": m.finding, "negated": m.negated, "regions": list(m.regions)}
+                                             for m in ms]} for s, ms in rp.parse_report(a.text)]
+        print(json.dumps(doc, indent=1))
+        return 0
+    res: dict = {}
+    if a.iu:
+        sentences = rp.iu_sentences()
+        res["iu_corpus"] = rp.corpus_summary(sentences.values())
+        if a.labels:
+            res["iu_hand_labels"] = rp.evaluate_labels(a.labels, sentences)
+    if a.demo:
+        res["demo"] = rp.evaluate_demo(a.demo)
+    if not res:
+        raise ValueError("give --text, --iu (with --labels to measure) or --demo")
+    print(json.dumps(res, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anatomy-vlm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -177,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-cache", action="store_true", help=argparse.SUPPRESS)
     pr.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     pr.set_defaults(func=_predict)
+    rp = sub.add_parser("parse-reports", help="report sentences -> (regions, finding, negated); measure the parser")
+    rp.add_argument("--text", help="parse this report text and print the mentions as JSON")
+    rp.add_argument("--iu", action="store_true", help="run over the IU X-ray reports bundled in torchxrayvision")
+    rp.add_argument("--labels", help="hand labels to measure against (docs/report_parser/iu_labels.json)")
+    rp.add_argument("--demo", help="demo folder: measure against the builder's structured report sentences")
+    rp.set_defaults(func=_parse_reports)
     return p
 
 
