@@ -31,14 +31,14 @@ from monai.transforms import (
 __all__ = ["AUGMENT_VERSION", "augment_sample", "copy_seed", "augmented_digest"]
 
 #: Bump when the transforms change: part of every cached augmented embedding's key.
-AUGMENT_VERSION = 1
+AUGMENT_VERSION = 2
 
 
 def _transforms(height: int, width: int) -> Compose:
     return Compose([
-        RandAffined(keys=["image", "masks"], prob=1.0, rotate_range=(math.radians(10.0),),
-                    scale_range=(0.12, 0.12), shear_range=(0.03, 0.03),
-                    translate_range=(0.07 * height, 0.07 * width), mode=("bilinear", "nearest"),
+        RandAffined(keys=["image", "masks"], prob=1.0, rotate_range=(math.radians(12.0),),
+                    scale_range=(0.2, 0.2), shear_range=(0.04, 0.04),
+                    translate_range=(0.1 * height, 0.1 * width), mode=("bilinear", "nearest"),
                     padding_mode="zeros"),
         RandAdjustContrastd(keys="image", prob=0.8, gamma=(0.6, 1.6)),
         RandHistogramShiftd(keys="image", prob=0.5, num_control_points=(5, 9)),

@@ -511,7 +511,8 @@ def run_evaluation(checkpoint: str | os.PathLike | None, demo_root: str | os.Pat
                          score_threshold=score_threshold).save(out_dir / f"{s['id']}.png")
     metrics = evaluate_segmentation(pmasks, gmasks, pres) if seg else evaluate_detection(preds, gts)
     cmd = ["anatomy-vlm", "evaluate", "--checkpoint", str(checkpoint), "--demo", str(demo_root), "--task", task,
-           "--split", split] + (["--limit", str(limit)] if limit is not None else [])
+           "--split", split] + (["--limit", str(limit)] if limit is not None else []) + (
+               ["--mask-boxes"] if mask_boxes and not seg else [])
     return {
         "data": _data_summary(ds, root, split, n),
         "checkpoint": _checkpoint_summary(checkpoint, predictor),

@@ -301,13 +301,14 @@ class Predictor:
         """
         idx = resolve_regions(regions)
         t0 = time.perf_counter()
-        emb, box, cached, src, x = self._embedding(image, need_input=with_masks)
+        need_image = with_masks or getattr(self.model, "boxes_need_image", False)
+        emb, box, cached, src, x = self._embedding(image, need_input=need_image)
         t1 = time.perf_counter()
         S = float(self.model.input_size)
         with torch.no_grad():
             # All 29 masks in one call even for a subset: the query mask head computes its per-pixel
             # features once per image and pairs region embeddings with boxes by position.
-            out = self.model(images=x[None] if with_masks else None, embeddings=emb[None], with_masks=with_masks,
+            out = self.model(images=x[None] if need_image else None, embeddings=emb[None], with_masks=with_masks,
                              refine_steps=self.refine_steps if with_masks else 0)
             boxes_in = out.boxes_xyxy[0].float() * S  # (Q, 4) input-frame pixel edges
             scores = out.scores[0].float().numpy()

@@ -459,3 +459,26 @@ def test_box_refiner_learns_to_move_edges_towards_what_the_features_show():
         out = ref(f, s, emb.expand(64, -1, -1))[-1]
     before, after = iou(s, t), iou(out, t)
     assert after > before + 0.1, (before, after)
+
+
+def test_box_refiner_can_sample_the_image_and_then_requires_it():
+    ref = BoxRefiner(in_channels=8, embed_dim=4, stages=1, channels=8, roi_size=4, hidden=16, context=1.3,
+                     image_roi=6)
+    assert ref.uses_image
+    feats, emb = torch.randn(2, 8, 16, 16), torch.randn(2, 3, 4)
+    boxes = torch.rand(2, 3, 4) * 0.3 + 0.3
+    images = torch.rand(2, 3, 64, 64)
+    out = ref(feats, boxes, emb, images)[-1]
+    torch.testing.assert_close(out, boxes, atol=1e-5, rtol=0)  # identity at init, image or not
+    out.sum().backward()
+    assert ref.stages[0].pixels[1].weight.grad is not None
+    with pytest.raises(ValueError, match="letterboxed images"):
+        ref(feats, boxes, emb)
+    m = build_model({"encoder": {"pretrained": False}, "mask_head": {"enabled": False},
+                     "decoder": TINY_DECODER, "box_refiner": {"image_roi": 8}})
+    assert m.boxes_need_image
+    with pytest.raises(ValueError, match="letterboxed images"):
+        m(embeddings=torch.randn(1, 256, 64, 64))
+    assert m(images=torch.rand(1, 3, 256, 256), embeddings=torch.randn(1, 256, 64, 64)).boxes.shape == (1, NUM_REGIONS, 4)
+    with pytest.raises(ValueError, match="image_roi"):
+        build_model({"encoder": {"pretrained": False}, "box_refiner": {"image_roi": -1}})

@@ -79,6 +79,11 @@ class AnatomyVLM(nn.Module):
         self.config: dict[str, Any] | None = None
 
     @property
+    def boxes_need_image(self) -> bool:
+        """Whether box prediction reads the letterboxed image too (a refiner with ``image_roi``)."""
+        return self.box_refiner is not None and self.box_refiner.uses_image
+
+    @property
     def input_size(self) -> int:
         """Side of the square model input (256 for LiteMedSAM)."""
         return int(getattr(self.encoder, "input_size", INPUT_SIZE))
@@ -116,7 +121,7 @@ class AnatomyVLM(nn.Module):
         out = self.decoder(embeddings)
         if self.box_refiner is not None:
             # the decoder's boxes and all but the last stage's become auxiliary outputs (trained too)
-            stages = self.box_refiner(embeddings, out.boxes, out.region_embeddings)
+            stages = self.box_refiner(embeddings, out.boxes, out.region_embeddings, images)
             aux = [AnatomyOutput(boxes=out.boxes, presence_logits=out.presence_logits)]
             aux += [AnatomyOutput(boxes=b, presence_logits=out.presence_logits) for b in stages[:-1]]
             out.aux_outputs = tuple(out.aux_outputs) + tuple(aux)
@@ -149,7 +154,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "mask_head": {"enabled": True, "kind": "query", "checkpoint": None, "pretrained": True, "trainable": True,
                   "use_image": True},
     "box_refiner": {"enabled": True, "stages": 2, "channels": 32, "roi_size": 8, "hidden": 256,
-                    "context": [1.5, 1.2]},
+                    "context": [1.5, 1.2], "image_roi": 0, "min_context": 0.0},
 }
 """The default (LiteMedSAM) config; :func:`build_model` documents every key."""
 
@@ -209,6 +214,11 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     mh = _section(config, "mask_head", DEFAULT_CONFIG["mask_head"])
     br = _section(config, "box_refiner", DEFAULT_CONFIG["box_refiner"])
     _check(isinstance(br["enabled"], bool), f"config box_refiner.enabled must be true or false, got {br['enabled']!r}")
+    _check(isinstance(br["min_context"], (int, float)) and not isinstance(br["min_context"], bool)
+           and 0 <= br["min_context"] <= 1,
+           f"config box_refiner.min_context must be a number in [0, 1], got {br['min_context']!r}")
+    _check(_is_int(br["image_roi"]) and br["image_roi"] >= 0,
+           f"config box_refiner.image_roi must be an integer >= 0, got {br['image_roi']!r}")
     for key in ("stages", "channels", "roi_size", "hidden"):
         _check(_is_int(br[key]) and br[key] > 0, f"config box_refiner.{key} must be a positive integer, got {br[key]!r}")
     _check(br["channels"] % 8 == 0, f"config box_refiner.channels must be a multiple of 8, got {br['channels']!r}")
@@ -304,6 +314,8 @@ def build_model(config: Mapping[str, Any] | None = None) -> AnatomyVLM:
           roi_size: 8                 # R x R grid sampled over the enlarged box
           hidden: 256
           context: [1.5, 1.2]         # enlargement of the sampled box per stage
+          image_roi: 0                # also sample the letterboxed image on this grid per box (0: no)
+          min_context: 0.0            # first stage's window side at least this fraction of the frame
 
     The number of queries is always ``anatomy.NUM_REGIONS``. The LiteMedSAM file is read once for encoder
     and mask head. The resolved config is stored as ``model.config``.
@@ -346,7 +358,7 @@ def build_model(config: Mapping[str, Any] | None = None) -> AnatomyVLM:
             [float(ctx[0])] * br_cfg["stages"] if len(ctx) == 1 else [float(c) for c in ctx])
         refiner = BoxRefiner(int(encoder.out_channels), dec_cfg["embed_dim"], stages=br_cfg["stages"],
                              channels=br_cfg["channels"], roi_size=br_cfg["roi_size"], hidden=br_cfg["hidden"],
-                             context=ctx)
+                             context=ctx, image_roi=br_cfg["image_roi"], min_context=float(br_cfg["min_context"]))
     model = AnatomyVLM(encoder, decoder, mask_head, refiner)
     model.config = cfg
     return model
