@@ -482,3 +482,24 @@ def test_box_refiner_can_sample_the_image_and_then_requires_it():
     assert m(images=torch.rand(1, 3, 256, 256), embeddings=torch.randn(1, 256, 64, 64)).boxes.shape == (1, NUM_REGIONS, 4)
     with pytest.raises(ValueError, match="image_roi"):
         build_model({"encoder": {"pretrained": False}, "box_refiner": {"image_roi": -1}})
+
+
+def test_box_refiner_min_context_widens_only_the_first_window():
+    """A tiny box far from what the features show: with a minimum first window the first stage sees the
+    bright square (its sampled grid is not empty); without it, it samples only zeros."""
+    feats = torch.zeros(1, 8, 32, 32)
+    feats[0, :, 4:8, 4:8] = 1.0  # top-left, about 0.19 of the frame away from the box below
+    box = torch.tensor([[[0.35, 0.35, 0.02, 0.02]]])
+    seen = {}
+    for mc in (0.0, 0.5):
+        ref = BoxRefiner(in_channels=8, embed_dim=4, stages=2, channels=8, roi_size=4, hidden=8, min_context=mc)
+        assert ref.stages[1].min_half == 0.0 and ref.stages[0].min_half == mc / 2
+        ref.proj = torch.nn.Identity()
+        grids = []
+        handle = ref.stages[0].roi[0].register_forward_hook(lambda m, i, o: grids.append(i[0].abs().sum()))
+        ref(feats, box, torch.zeros(1, 1, 4))
+        handle.remove()
+        seen[mc] = float(grids[0])
+    assert seen[0.0] == 0.0 and seen[0.5] > 0.0
+    with pytest.raises(ValueError, match="min_context"):
+        BoxRefiner(in_channels=8, embed_dim=4, min_context=1.5)
