@@ -414,7 +414,8 @@ def test_box_refiner_starts_as_identity_and_keeps_boxes_valid():
     # random last layers: boxes still inside the frame with positive size
     for st in ref.stages:
         torch.nn.init.normal_(st.out[-1].weight, std=5.0)
-    out = ref(feats, boxes, torch.randn(2, 2, 4))[-1]
+    with torch.no_grad():
+        out = ref(feats, boxes, torch.randn(2, 2, 4))[-1]
     xyxy = box_cxcywh_to_xyxy(out)
     assert float(xyxy.min()) >= 0 and float(xyxy.max()) <= 1
     assert bool((out[..., 2:] > 0).all())
