@@ -47,8 +47,8 @@ def _free_port() -> int:
 class LiveServer:
     """A ``monailabel start_server`` subprocess; :meth:`url` waits until it answers."""
 
-    def __init__(self, proc: subprocess.Popen, base_url: str, log: Path, app_dir: Path):
-        self.proc, self.base_url, self.log, self.app_dir = proc, base_url, log, app_dir
+    def __init__(self, proc: subprocess.Popen, base_url: str, log: Path, app_dir: Path, studies: Path):
+        self.proc, self.base_url, self.log, self.app_dir, self.studies = proc, base_url, log, app_dir, studies
         self._ready = False
 
     def log_tail(self, n: int = 4000) -> str:
@@ -90,7 +90,7 @@ def live_server(demo_studies, tmp_path_factory):
              "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)],
             cwd=base, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    server = LiveServer(proc, f"http://127.0.0.1:{port}", log, app_dir)
+    server = LiveServer(proc, f"http://127.0.0.1:{port}", log, app_dir, studies)
     yield server
     proc.terminate()
     try:
@@ -343,3 +343,90 @@ def test_real_server_info_datastore_and_infer(live_server, demo_studies):
         "no checkpoint yet: anatomy_detection has no trained model to run "
         f"(train one with `anatomy-vlm train` or put a checkpoint at {default_checkpoint})"
     )
+
+
+# ---- corrected labels over REST (real server) ------------------------------------------------------------
+def _labelled(demo_studies) -> list[str]:
+    return sorted(i for i in demo_studies.ids(".png") + demo_studies.ids(".dcm")
+                  if (demo_studies.studies / "labels" / "boxes" / f"{i}.boxes.json").is_file())
+
+
+def _put_label(live_server, image, body: bytes, filename: str, tag: str | None = None, params: dict | None = None):
+    query = {"image": image} | ({"tag": tag} if tag else {})
+    return httpx.put(live_server.url("/datastore/label"), params=query,
+                     files={"label": (filename, body)}, data={"params": json.dumps(params or {})}, timeout=60)
+
+
+def test_box_corrections_are_validated_merged_and_stored(live_server, demo_studies):
+    image = _labelled(demo_studies)[1]
+    stored = live_server.studies / "labels" / "boxes" / f"{image}.boxes.json"
+    before = json.loads(stored.read_text())
+    w, h = before["width"], before["height"]
+    body = json.dumps({"regions": [{"name": "right lung", "box": [2, 3, w // 2, h - 4]},
+                                   {"name": "carina", "box": None}]}).encode()
+    r = _put_label(live_server, image, body, "correction.json", params={"user": "ann1"})
+    assert r.status_code == 200, r.text
+    after = json.loads(stored.read_text())
+    assert after["regions"][0]["box"] == [2, 3, w // 2, h - 4]
+    assert next(x for x in after["regions"] if x["name"] == "carina")["box"] is None
+    assert after["regions"][1] == before["regions"][1]  # untouched region kept
+    assert set(after["confirmed"]) == {"right lung", "carina"} and after["confirmed"]["carina"]["user"] == "ann1"
+    info = httpx.get(live_server.url("/datastore/"), params={"output": "all"}, timeout=30).json()["objects"][image]
+    assert info["labels"]["boxes"]["info"]["confirmed_regions"] == ["right lung", "carina"]
+
+
+@pytest.mark.parametrize("image, body, filename, status, text", [
+    ("../x", b'{"regions": []}', "c.json", 400, "invalid image id"),
+    ("no_such_image", b'{"regions": [{"id": 1, "box": [0, 0, 5, 5]}]}', "c.json", 404, "not in the datastore"),
+    (None, b"{broken", "c.json", 400, "malformed JSON"),
+    (None, b'{"regions": [{"name": "spleen", "box": [0, 0, 5, 5]}]}', "c.json", 400, "unknown region"),
+    (None, b'{"regions": [{"id": 1, "box": [0, 0, 99999, 5]}]}', "c.json", 400, "outside the image"),
+    (None, b"not a nifti", "m.nii.gz", 400, "not a readable NIfTI"),
+])
+def test_bad_corrections_get_4xx_and_change_nothing(live_server, demo_studies, image, body, filename, status, text):
+    image = image or _labelled(demo_studies)[2]
+    labels = live_server.studies / "labels"
+    snapshot = {p: p.read_bytes() for p in labels.rglob("*") if p.is_file()}
+    r = _put_label(live_server, image, body, filename)
+    assert r.status_code == status, r.text
+    assert text in r.json()["detail"]
+    assert {p: p.read_bytes() for p in labels.rglob("*") if p.is_file()} == snapshot
+    assert not list(labels.rglob(".saving-*"))
+
+
+def test_wrong_mask_size_is_refused(live_server, demo_studies, tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    image = _labelled(demo_studies)[2]
+    nib.save(nib.Nifti1Image(np.zeros((7, 9, NUM_REGIONS), np.uint8), np.eye(4)), tmp_path / "m.nii.gz")
+    r = _put_label(live_server, image, (tmp_path / "m.nii.gz").read_bytes(), "m.nii.gz")
+    assert r.status_code == 400 and "expected" in r.json()["detail"], r.text
+
+
+def test_concurrent_corrections_from_separate_clients_are_all_stored_whole(live_server, demo_studies):
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = _labelled(demo_studies)
+    stored = {i: json.loads((live_server.studies / "labels" / "boxes" / f"{i}.boxes.json").read_text())
+              for i in images}
+
+    def put(k):
+        image = images[k % len(images)]
+        w, h = stored[image]["width"], stored[image]["height"]
+        body = json.dumps({"regions": [{"id": 1 + k % NUM_REGIONS, "box": [1, 1, w - 1 - k % 5, h - 1]}]}).encode()
+        with httpx.Client() as c:  # a client (connection) of its own
+            return c.put(live_server.url("/datastore/label"), params={"image": image},
+                         files={"label": ("c.json", body)}, data={"params": json.dumps({"user": f"u{k}"})},
+                         timeout=120).status_code
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        codes = list(pool.map(put, range(50)))
+    assert codes == [200] * 50
+    confirmed = 0
+    for i in images:
+        doc = json.loads((live_server.studies / "labels" / "boxes" / f"{i}.boxes.json").read_text())  # whole JSON
+        confirmed += len(doc["confirmed"])
+    # every save landed: each (image, region) pair touched is confirmed (no lost update)
+    expected = {(images[k % len(images)], 1 + k % NUM_REGIONS) for k in range(50)}
+    assert confirmed >= len(expected)

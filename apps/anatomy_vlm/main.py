@@ -40,6 +40,7 @@ except ImportError:  # the library is not installed in this Python: use the repo
 
 from anatomy_vlm.anatomy import REGIONS, REGISTRY_VERSION, label_map
 from lib.activelearning import First, Random
+from lib.datastore import AnatomyDatastore
 from lib.configs import CONFIGS, AnatomyTaskConfig
 
 from monailabel.config import settings
@@ -125,7 +126,7 @@ class AnatomyVLMApp(MONAILabelApp):
             return super().init_datastore()
         extensions = datastore_extensions(settings.MONAI_LABEL_DATASTORE_FILE_EXT)
         logger.info(f"Init local datastore for: {self.studies}; extensions: {extensions}")
-        return LocalDatastore(
+        return AnatomyDatastore(
             self.studies,
             extensions=extensions,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,

@@ -1,0 +1,164 @@
+"""The app's local datastore: MONAI Label's, with corrected labels validated and stored atomically.
+
+``PUT /datastore/label`` ends in :meth:`AnatomyDatastore.save_label`. Here, before anything is written:
+
+* the image id must be a plain id (no paths, no ``..``: 400) of an image in the datastore (404);
+* a JSON label is a box correction (the project's box form or the Slicer ROI markups JSON, see
+  :mod:`anatomy_vlm.labels`): validated against the image's size and geometry (400 with the reason), merged
+  with the image's current box label (regions not touched keep their boxes; touched ones are listed as
+  confirmed with who and when), and stored as ``labels/boxes/<id>.boxes.json``;
+* a NIfTI mask label must have the image's size (400 otherwise).
+
+Files are written to a temporary name in the label folder and renamed, under the datastore's lock, so a
+reader never sees a half-written label and a crash leaves the previous one intact. MONAI Label's own
+``shutil.copy`` into place is not used for that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from typing import Any, Dict
+
+from fastapi import HTTPException
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, LocalDatastore
+
+from anatomy_vlm.labels import LabelError, check_id, merge_box_label, parse_box_correction
+
+logger = logging.getLogger(__name__)
+
+BOX_TAG = "boxes"
+BOX_EXT = ".boxes.json"
+
+
+class AnatomyDatastore(LocalDatastore):
+    """See the module docstring."""
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
+        label_info = dict(label_info or {})
+        try:
+            check_id(image_id)
+        except LabelError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from None
+        obj = self._datastore.objects.get(image_id)
+        if not obj:
+            raise HTTPException(status_code=404, detail=f"image {image_id!r} is not in the datastore")
+        name = os.path.basename(label_filename).lower()
+        image_path = self.get_image_uri(image_id)
+        if name.endswith(".json"):
+            # box corrections live under the "boxes" tag; the stock panel's default tag is "final"
+            tag = BOX_TAG if label_tag in (None, "", "final") else label_tag
+            return self._save_boxes(image_id, image_path, label_filename, tag, label_info, obj)
+        if name.endswith((".nii", ".nii.gz")):
+            self._check_nifti(image_path, label_filename)
+        ext = self._to_id(os.path.basename(label_filename))[1]
+        return self._store(image_id, obj, label_filename, label_tag or "final", ext, label_info)
+
+    # -- boxes ---------------------------------------------------------------------------------------
+    def _save_boxes(self, image_id, image_path, label_filename, tag, label_info, obj) -> str:
+        from anatomy_vlm.io import ImageReadError, read_image
+        from anatomy_vlm.predict import image_geometry
+
+        try:
+            shape = tuple(read_image(image_path).pixels.shape)
+        except ImageReadError as e:
+            raise HTTPException(status_code=422, detail=f"image {image_id!r} cannot be read: {e}") from None
+        with open(label_filename, "rb") as fh:
+            raw = fh.read()
+        try:
+            geometry = image_geometry(image_path, shape) if b'"markups"' in raw else None
+            corr = parse_box_correction(raw, shape, geometry)
+        except LabelError as e:
+            raise HTTPException(status_code=400, detail=f"box correction for {image_id!r}: {e}") from None
+        user = str(label_info.get("user") or label_info.get("client_id") or "unknown")
+        when = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        with FileLock(self._lock_file):
+            previous = None
+            current = os.path.join(self._datastore.label_path(tag), self._filename(image_id, BOX_EXT))
+            if os.path.isfile(current):
+                try:
+                    with open(current) as fh:
+                        previous = json.load(fh)
+                except (OSError, ValueError):
+                    logger.warning(f"{current}: unreadable previous box label, replaced by the correction")
+            merged = merge_box_label(previous, corr, image_id, user, when)
+            fd, tmp = tempfile.mkstemp(suffix=BOX_EXT)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(merged, fh, indent=1)
+            try:
+                label_info.update({"confirmed_regions": corr.regions, "user": user})
+                return self._store(image_id, obj, tmp, tag, BOX_EXT, label_info, locked=True)
+            finally:
+                os.unlink(tmp)
+
+    @staticmethod
+    def _check_nifti(image_path: str, label_filename: str) -> None:
+        import nibabel as nib
+
+        from anatomy_vlm.io import ImageReadError, read_image
+        from anatomy_vlm.labels import check_mask_shape
+
+        try:
+            H, W = read_image(image_path).pixels.shape
+        except ImageReadError as e:
+            raise HTTPException(status_code=422, detail=f"the image cannot be read: {e}") from None
+        try:
+            shape = tuple(int(s) for s in nib.load(label_filename).shape)
+        except Exception as e:  # noqa: BLE001 - any header error: not a NIfTI mask
+            raise HTTPException(status_code=400, detail=f"the mask label is not a readable NIfTI file: {e}") from None
+        # our masks are stored x = column, y = row: (W, H[, K]); a trailing singleton axis is allowed
+        dims = [s for i, s in enumerate(shape) if not (i >= 2 and s == 1)]
+        if len(dims) == 3:
+            arr_shape = (dims[2], dims[1], dims[0])
+        elif len(dims) == 2:
+            arr_shape = (dims[1], dims[0])
+        else:
+            arr_shape = tuple(dims)
+        try:
+            from anatomy_vlm.anatomy import NUM_REGIONS
+
+            if len(arr_shape) == 3:
+                if arr_shape != (NUM_REGIONS, H, W):
+                    raise LabelError(f"masks are {arr_shape} (K, H, W) but the image is {H} x {W}: expected "
+                                     f"({NUM_REGIONS}, {H}, {W})")
+            else:
+                import numpy as np
+
+                check_mask_shape(np.zeros(arr_shape, np.uint8), (H, W))
+        except LabelError as e:
+            raise HTTPException(status_code=400, detail=f"mask label: {e}") from None
+
+    # -- atomic store ----------------------------------------------------------------------------------
+    def _store(self, image_id, obj, src, tag, ext, label_info, locked: bool = False) -> str:
+        """Copy ``src`` into ``labels/<tag>/<id><ext>`` through a temporary file and a rename, and record it
+        in the datastore index (what LocalDatastore.save_label does, minus the in-place copy)."""
+        if not locked:
+            with FileLock(self._lock_file):
+                return self._store(image_id, obj, src, tag, ext, label_info, locked=True)
+        label_path = self._datastore.label_path(tag)
+        os.makedirs(label_path, exist_ok=True)
+        name = self._filename(image_id, ext)
+        dest = os.path.join(label_path, name)
+        fd, tmp = tempfile.mkstemp(dir=label_path, prefix=".saving-")
+        try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+                shutil.copyfileobj(inp, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        label_info = dict(label_info)
+        label_info["ts"] = int(time.time())
+        label_info["name"] = name
+        obj.labels[tag] = DataModel(info=label_info, ext=ext)
+        self._update_datastore_file(lock=False)
+        return image_id
