@@ -147,7 +147,7 @@ def test_info_lists_app_29_labels_and_both_tasks(client, app_env):
         assert model["dimension"] == 2
         assert model["labels"] == label_map()
         assert model["checkpoint"] == {"path": str(app_env["checkpoint"]), "exists": False}
-    assert set(info["strategies"]) == {"random", "first"}
+    assert set(info["strategies"]) == {"random", "first", "region_uncertainty"}
     assert info["trainers"] == {}  # none until the model exists; no stand-in trainer
     assert len(info["label_colors"]) == 29 and info["registry_version"]
 
@@ -226,6 +226,20 @@ def with_checkpoint(app_env, tiny_file):
     shutil.copy2(tiny_file, dst)
     yield dst
     dst.unlink()
+
+
+def test_region_uncertainty_strategy_scores_the_unlabelled_images(client, with_checkpoint):
+    r = client.post("/activelearning/region_uncertainty")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] == UNLABELLED_ID and "region_uncertainty" in body["strategy"]  # MONAI Label: offers per strategy
+    assert body["score"] >= 0 and body["scored"] == 1 and body["model_version"].startswith("ckpt-")
+    assert client.post("/activelearning/random").json()["id"] == UNLABELLED_ID  # the stock one stays
+
+
+def test_region_uncertainty_without_a_checkpoint_falls_back_and_says_so(client):
+    body = client.post("/activelearning/region_uncertainty").json()
+    assert body["id"] == UNLABELLED_ID and "no checkpoint" in body["fallback"]
 
 
 def test_active_learning_pick_is_encoded_in_the_background(client, app_env, with_checkpoint, demo_studies):

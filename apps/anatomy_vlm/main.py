@@ -39,7 +39,7 @@ except ImportError:  # the library is not installed in this Python: use the repo
     import anatomy_vlm
 
 from anatomy_vlm.anatomy import REGIONS, REGISTRY_VERSION, label_map
-from lib.activelearning import First, Random
+from lib.activelearning import First, Random, RegionUncertainty
 from lib.datastore import AnatomyDatastore
 from lib.configs import CONFIGS, AnatomyTaskConfig
 
@@ -152,7 +152,21 @@ class AnatomyVLMApp(MONAILabelApp):
         return trainers
 
     def init_strategies(self) -> Dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        from anatomy_vlm.uncertainty import UncertaintyCache
+
+        strategies: Dict[str, Strategy] = {"random": Random(), "first": First()}
+        if self.models:
+            cfg = next(iter(self.models.values()))
+            root = os.path.join(os.path.dirname(cfg.cache_dir), "uncertainty") if cfg.cache_dir else None
+            strategies["region_uncertainty"] = RegionUncertainty(self._predictor, UncertaintyCache(root))
+        return strategies
+
+    def _predictor(self):
+        """The shared predictor of the app's checkpoint, or ``None`` when there is none yet."""
+        from lib.infers.anatomy_infer import SharedPredictor
+
+        cfg = next(iter(self.models.values()))
+        return SharedPredictor.for_checkpoint(cfg.path, cfg.cache_dir).get()
 
     def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
         return {}
@@ -172,12 +186,9 @@ class AnatomyVLMApp(MONAILabelApp):
     def prefetch_next(self, picked: str, request=None) -> int:
         """Queue ``picked`` and the next unlabelled local images for background encoding; returns how
         many were queued (0 when no checkpoint is loaded yet)."""
-        from lib.infers.anatomy_infer import SharedPredictor
-
         if not self.models:
             return 0
-        cfg = next(iter(self.models.values()))
-        predictor = SharedPredictor.for_checkpoint(cfg.path, cfg.cache_dir).get()
+        predictor = self._predictor()
         if predictor is None:
             return 0
         paths = [picked]
