@@ -74,7 +74,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .anatomy import NUM_REGIONS, REGION_NAMES, region
+from .anatomy import NUM_REGIONS, REGION_NAMES, REGIONS, region
 from .io import read_image, read_json, read_region_masks
 
 __all__ = [
@@ -342,6 +342,92 @@ class ChestImaGenomeDataset:
                 "image_path": str(path), "scene_graph_path": str(self.scene_graph_path(rec.dicom_id))}
         return {"id": rec.dicom_id, "image": rg.pixels, "boxes": boxes, "present": present, "valid": valid,
                 "masks": None, "spacing": rg.spacing, "meta": meta}
+
+
+# ------------------------------------------------------------------------- annotators' corrections
+class CorrectionsDataset:
+    """Images of a MONAI Label studies folder whose box label has regions a human confirmed.
+
+    Layout read (what ``PUT /datastore/label`` writes through the app): ``studies/<id>.<ext>`` images and
+    ``studies/labels/boxes/<id>.boxes.json`` with ``"regions"`` and ``"confirmed"`` (see
+    :mod:`anatomy_vlm.labels`). Only confirmed regions are labels: ``valid`` is True for them (``present``
+    when their box is not null) and False for every other region, so a trainer never learns from a box
+    nobody checked. No masks.
+
+    Args:
+        studies: The studies folder.
+        ids: Restrict to these image ids (e.g. a train/validation split of the corrected studies).
+    """
+
+    IMAGE_EXTS = (".dcm", ".png", ".jpg", ".jpeg", ".nii.gz")
+
+    def __init__(self, studies: str | os.PathLike, ids: Sequence[str] | None = None):
+        self.root = Path(studies)
+        label_dir = self.root / "labels" / "boxes"
+        entries = []
+        for f in sorted(label_dir.glob("*.boxes.json")) if label_dir.is_dir() else []:
+            image_id = f.name[: -len(".boxes.json")]
+            if ids is not None and image_id not in ids:
+                continue
+            doc = read_json(f)
+            if not isinstance(doc, dict) or not doc.get("confirmed"):
+                continue
+            image = next((self.root / f"{image_id}{e}" for e in self.IMAGE_EXTS
+                          if (self.root / f"{image_id}{e}").is_file()), None)
+            if image is None:
+                continue
+            entries.append({"id": image_id, "image": image, "label": f})
+        self.entries = entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def ids(self) -> list[str]:
+        return [e["id"] for e in self.entries]
+
+    def path_of(self, index: int) -> Path:
+        return self.entries[index]["image"]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        e = self.entries[index]
+        rg = read_image(e["image"])
+        doc = read_json(e["label"])
+        boxes, present, valid = empty_sample_labels()
+        confirmed = set(doc.get("confirmed") or {})
+        for r in doc.get("regions", []):
+            k = region(r.get("id", r.get("name"))).id - 1
+            if REGIONS[k].name not in confirmed:
+                continue
+            valid[k] = True
+            if r.get("box") is not None:
+                boxes[k] = np.asarray(r["box"], np.float32)
+                present[k] = True
+        return {"id": e["id"], "image": rg.pixels, "boxes": boxes, "present": present, "valid": valid,
+                "masks": None, "spacing": rg.spacing,
+                "meta": {"dataset": "corrections", "image_path": str(e["image"]), "confirmed": sorted(confirmed)}}
+
+
+class ConcatSamples:
+    """Several datasets read as one (corrections plus replay of the pretraining data)."""
+
+    def __init__(self, *datasets):
+        self.datasets = [d for d in datasets if d is not None]
+        self._index = [(i, j) for i, d in enumerate(self.datasets) for j in range(len(d))]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def path_of(self, index: int) -> Path:
+        i, j = self._index[index]
+        d = self.datasets[i]
+        if hasattr(d, "path_of"):
+            return d.path_of(j)
+        return Path(d.root) / d.entries[j]["image"]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i, j = self._index[index]
+        return self.datasets[i][j]
 
 
 # ------------------------------------------------------------------------- model-frame targets

@@ -5,6 +5,10 @@ One config file per run (JSON, or YAML if the file ends in .yaml/.yml); every ke
 
 ``data``
     ``kind: demo`` with ``root`` (a build-demo folder), ``train_split`` / ``val_split``; or
+    ``kind: corrections`` with ``studies`` (a MONAI Label studies folder with corrected box labels, see
+    :class:`anatomy_vlm.data.CorrectionsDataset`: only human-confirmed regions are labels), ``val_ids``
+    (corrected studies held out for validation), ``replay_root`` / ``replay_split`` / ``replay_val_split``
+    (demo studies mixed in so the model does not forget); or
     ``kind: chest_imagenome`` with ``images_root``, ``scene_graph_dir``, ``train_csv``, ``val_csv``
     (see :class:`anatomy_vlm.data.ChestImaGenomeDataset` for the layout). Chest ImaGenome has boxes
     but no masks: the mask terms are then off for those images.
@@ -14,6 +18,7 @@ One config file per run (JSON, or YAML if the file ends in .yaml/.yml); every ke
     ``epochs``, ``batch_size``, ``lr``, ``lr_min`` (cosine schedule), ``weight_decay``, ``grad_clip``,
     ``loss_weights`` (criterion term -> weight), ``aux_weight`` (auxiliary decoder layers), ``seed``,
     ``val_every``, ``threads``, ``cache_dir`` (encoder embeddings; default ``data/cache/embeddings``),
+    ``init_checkpoint`` (fine-tune: start from this checkpoint and its model config),
     ``augment_copies`` (augmented copies per training image, encoded once: :mod:`anatomy_vlm.augment`),
     ``mask_every`` (run the mask head and its loss on every n-th step only: it costs about 4x a box-only
     step here, and boxes need more steps than masks).
@@ -50,7 +55,7 @@ from .anatomy import REGISTRY_VERSION
 from .augment import augment_sample, augmented_digest, copy_seed
 from .cache import EmbeddingCache, file_digest
 from .checkpoint import save_checkpoint
-from .data import ChestImaGenomeDataset, DemoDataset, to_model_targets
+from .data import ChestImaGenomeDataset, ConcatSamples, CorrectionsDataset, DemoDataset, to_model_targets
 from .embed import cached_encoder, default_cache_dir, embed_files, encoder_tag
 from .losses import AnatomyCriterion
 from .model import box_cxcywh_to_xyxy, build_model, letterbox
@@ -61,7 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "model": {},
     "train": {"epochs": 60, "batch_size": 8, "lr": 4e-4, "lr_min": 1e-5, "weight_decay": 1e-4,
               "grad_clip": 1.0, "loss_weights": {}, "aux_weight": 0.5, "seed": 0, "val_every": 5,
-              "gate_jitter": 0.08, "augment_copies": 0, "mask_every": 1,
+              "gate_jitter": 0.08, "augment_copies": 0, "mask_every": 1, "init_checkpoint": None,
               "threads": 2, "cache_dir": None},
     "output": {"checkpoint": "apps/anatomy_vlm/model/anatomy_vlm.pt", "run_dir": "runs/anatomy"},
 }
@@ -111,13 +116,29 @@ def _datasets(data_cfg: dict):
         root = data_cfg["root"]
         return (DemoDataset(root, data_cfg.get("train_split", "train")),
                 DemoDataset(root, data_cfg.get("val_split", "val")))
+    if kind == "corrections":
+        # annotators' confirmed regions (+ replay of demo studies so the model does not forget)
+        studies = data_cfg["studies"]
+        val_ids = set(data_cfg.get("val_ids") or [])
+        all_ids = CorrectionsDataset(studies).ids
+        train_c = CorrectionsDataset(studies, [i for i in all_ids if i not in val_ids])
+        val_c = CorrectionsDataset(studies, [i for i in all_ids if i in val_ids])
+        replay = val_replay = None
+        if data_cfg.get("replay_root"):
+            replay = DemoDataset(data_cfg["replay_root"], data_cfg.get("replay_split", "train"))
+            val_replay = DemoDataset(data_cfg["replay_root"], data_cfg.get("replay_val_split", "val"))
+        if len(train_c) == 0:
+            raise ValueError(f"{studies}: no corrected study with confirmed regions to fine-tune on")
+        return ConcatSamples(train_c, replay), ConcatSamples(val_c, val_replay)
     if kind == "chest_imagenome":
         mk = lambda csv: ChestImaGenomeDataset(data_cfg["images_root"], data_cfg["scene_graph_dir"], csv)  # noqa: E731
         return mk(data_cfg.get("train_csv")), mk(data_cfg.get("val_csv"))
-    raise ValueError(f"data.kind must be 'demo' or 'chest_imagenome', got {kind!r}")
+    raise ValueError(f"data.kind must be 'demo', 'chest_imagenome' or 'corrections', got {kind!r}")
 
 
 def _image_path(ds, i: int) -> Path:
+    if hasattr(ds, "path_of"):
+        return Path(ds.path_of(i))
     if isinstance(ds, DemoDataset):
         return Path(ds.root) / ds.entries[i]["image"]
     rec = ds.records[i]
@@ -196,6 +217,8 @@ def _ious(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def validate(model, data: _Prepared, batch_size: int = 8) -> dict[str, float]:
     """Quick validation in the input frame: mean IoU of decoder boxes and of mask boxes, mean Dice."""
+    if len(data) == 0:
+        return {"iou_decoder": 0.0, "score": 0.0, "note": "no validation data"}
     model.eval()
     S = model.input_size
     ious_dec, ious_mask, dices = [], [], []
@@ -247,7 +270,17 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(tc["threads"])))
     device = torch.device("cuda", rank % max(1, torch.cuda.device_count())) if torch.cuda.is_available() else torch.device("cpu")
-    model = build_model(config["model"])
+    init = tc.get("init_checkpoint")
+    if init:  # fine-tuning: start from a trained checkpoint, with its own model config
+        from .checkpoint import load_model
+
+        model, _ = load_model(init)
+        model.train()
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+        config = dict(config, model=model.config)
+    else:
+        model = build_model(config["model"])
     encoder_frozen = not any(p.requires_grad for p in model.encoder.parameters())
     train_ds, val_ds = _datasets(config["data"])
     cache = None
@@ -270,7 +303,8 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
     boxes = torch.stack([it["boxes"] for it in train_data.items])
     pres = torch.stack([it["present"] & it["valid"] for it in train_data.items]).float()
     mean_boxes = (boxes * pres[..., None]).sum(0) / pres.sum(0).clamp(min=1)[..., None]
-    model.decoder.set_box_prior(mean_boxes)
+    if not init:  # a fine-tuned model keeps its prior
+        model.decoder.set_box_prior(mean_boxes)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=tc["weight_decay"])
