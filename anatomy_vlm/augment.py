@@ -19,6 +19,7 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 from monai.transforms import (
     Compose,
     RandAdjustContrastd,
@@ -27,6 +28,8 @@ from monai.transforms import (
     RandGaussianSmoothd,
     RandHistogramShiftd,
 )
+
+from .model.query_mask_head import mask_boxes
 
 __all__ = ["AUGMENT_VERSION", "augment_sample", "copy_seed", "augmented_digest"]
 
@@ -58,13 +61,6 @@ def augmented_digest(image_digest: str, copy: int, seed: int = 0) -> str:
     return hashlib.sha1(f"augment/{AUGMENT_VERSION}/{image_digest}/{copy}/{seed}".encode()).hexdigest()
 
 
-def _mask_box(mask: np.ndarray) -> np.ndarray | None:
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if rows.size == 0:
-        return None
-    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)
-
-
 def augment_sample(sample: dict[str, Any], seed: int) -> dict[str, Any]:
     """One augmented copy of a reader sample that has masks (the demo's); ``seed`` fixes the draw.
 
@@ -86,12 +82,8 @@ def augment_sample(sample: dict[str, Any], seed: int) -> dict[str, Any]:
     out = t({"image": img[None], "masks": masks})
     image = np.clip(np.asarray(out["image"])[0], 0.0, 1.0).astype(np.float32)
     warped = np.asarray(out["masks"]) > 0.5
-    boxes = np.zeros((warped.shape[0], 4), np.float32)
-    present = np.zeros(warped.shape[0], bool)
-    for k, m in enumerate(warped):
-        b = _mask_box(m)
-        if b is not None:
-            boxes[k], present[k] = b, True
+    boxes = mask_boxes(torch.from_numpy(warped)).numpy().astype(np.float32)  # zeros where empty
+    present = warped.reshape(warped.shape[0], -1).any(1)
     res = dict(sample)
     res.update(image=image, masks=warped, boxes=boxes, present=present,
                valid=np.asarray(sample.get("valid", sample["present"]), bool).copy())

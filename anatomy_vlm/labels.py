@@ -29,7 +29,7 @@ import numpy as np
 from .anatomy import NUM_REGIONS, REGIONS, REGISTRY_VERSION, region
 
 __all__ = ["LabelError", "BoxCorrection", "check_id", "parse_box_correction", "merge_box_label",
-           "check_mask_shape"]
+           "check_mask_dims", "check_mask_shape"]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _TOLERANCE = 0.5  # px: a box edge may sit this far outside the image (rounding in viewers)
@@ -224,16 +224,19 @@ def merge_box_label(previous: dict | None, correction: BoxCorrection, image_id: 
             "confirmed": {k: confirmed[k] for k in (r.name for r in REGIONS) if k in confirmed}}
 
 
-def check_mask_shape(masks: np.ndarray, image_shape: tuple[int, int]) -> None:
-    """Masks of a correction must be the image's size: ``(K, H, W)`` with ``K`` = 29 or ``(H, W)`` (a label
-    map with values 0..29). Raises :class:`LabelError`."""
+def check_mask_dims(shape: tuple[int, ...], image_shape: tuple[int, int]) -> None:
+    """Mask array dimensions of a correction: ``(29, H, W)`` region masks or an ``(H, W)`` label map of the
+    image's size (checkable from a file header alone). Raises :class:`LabelError`."""
     H, W = image_shape
+    if tuple(shape) not in ((NUM_REGIONS, H, W), (H, W)):
+        raise LabelError(f"masks are {tuple(shape)} but the image is {H} x {W} (H x W): expected "
+                         f"({NUM_REGIONS}, {H}, {W}) region masks or a ({H}, {W}) label map")
+
+
+def check_mask_shape(masks: np.ndarray, image_shape: tuple[int, int]) -> None:
+    """Masks of a correction must be the image's size (:func:`check_mask_dims`), and a label map must hold
+    values 0..29. Raises :class:`LabelError`."""
     a = np.asarray(masks)
-    if a.ndim == 3 and a.shape == (NUM_REGIONS, H, W):
-        return
-    if a.ndim == 2 and a.shape == (H, W):
-        if a.size and (a.min() < 0 or a.max() > NUM_REGIONS):
-            raise LabelError(f"a label map must hold region ids 0..{NUM_REGIONS}, got {a.min()}..{a.max()}")
-        return
-    raise LabelError(f"masks are {tuple(a.shape)} but the image is {H} x {W} (H x W): expected "
-                     f"({NUM_REGIONS}, {H}, {W}) region masks or a ({H}, {W}) label map")
+    check_mask_dims(a.shape, image_shape)
+    if a.ndim == 2 and a.size and (a.min() < 0 or a.max() > NUM_REGIONS):
+        raise LabelError(f"a label map must hold region ids 0..{NUM_REGIONS}, got {a.min()}..{a.max()}")

@@ -29,17 +29,9 @@ from .cache import file_digest
 __all__ = ["image_uncertainty", "UncertaintyCache", "model_version"]
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    x0, y0 = np.maximum(a[:, 0], b[:, 0]), np.maximum(a[:, 1], b[:, 1])
-    x1, y1 = np.minimum(a[:, 2], b[:, 2]), np.minimum(a[:, 3], b[:, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area = lambda z: np.clip(z[:, 2] - z[:, 0], 0, None) * np.clip(z[:, 3] - z[:, 1], 0, None)  # noqa: E731
-    union = area(a) + area(b) - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
-
-
 def image_uncertainty(predictor: Any, image: str | os.PathLike) -> dict[str, Any]:
     """``{"score", "per_region": [...], "parts": {...}}`` for one image (see the module docstring)."""
+    from .evaluate import box_ious as _iou
     from .model import box_cxcywh_to_xyxy
 
     emb, box, _, _, x = predictor._embedding(image, need_input=True)
@@ -67,11 +59,18 @@ def image_uncertainty(predictor: Any, image: str | os.PathLike) -> dict[str, Any
                       "presence_entropy": float(ent.mean())}}
 
 
+_CKPT_VERSIONS: dict[tuple[str, int, int], str] = {}
+
+
 def model_version(predictor: Any) -> str:
     """Identity of the loaded weights: the checkpoint file's digest (or the weights' when in memory)."""
     path = (predictor.meta or {}).get("path")
     if path and Path(path).is_file():
-        return "ckpt-" + file_digest(path)[:16]
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+        if key not in _CKPT_VERSIONS:  # a 20 MB file: hashed once per version, not per request
+            _CKPT_VERSIONS[key] = "ckpt-" + file_digest(path)[:16]
+        return _CKPT_VERSIONS[key]
     h = hashlib.sha1()
     for name, t in sorted(predictor.model.state_dict().items()):
         if not name.startswith("encoder."):
@@ -90,8 +89,18 @@ class UncertaintyCache:
     def __init__(self, root: str | os.PathLike | None):
         self.root = Path(root) if root else None
         self._scores: dict[str, dict[str, float]] = {}
+        self._digests: dict[tuple[str, int, int], str] = {}  # (path, mtime, size) -> file digest
         self._lock = threading.Lock()
         self.computed = 0
+
+    def _digest(self, image: str | os.PathLike) -> str:
+        """File digest, hashed once per file version (a strategy asks for every unlabelled image per call)."""
+        st = os.stat(image)
+        key = (os.path.realpath(image), st.st_mtime_ns, st.st_size)
+        d = self._digests.get(key)
+        if d is None:
+            d = self._digests[key] = file_digest(image)
+        return d
 
     def _file(self, version: str) -> Path | None:
         return self.root / f"{version}.json" if self.root else None
@@ -110,14 +119,14 @@ class UncertaintyCache:
 
     def known(self, version: str, image: str | os.PathLike) -> float | None:
         """The cached score of ``image`` under model ``version``, or ``None`` (nothing is computed)."""
-        digest = file_digest(image)
+        digest = self._digest(image)
         with self._lock:
             return self._table(version).get(digest)
 
     def score(self, predictor: Any, image: str | os.PathLike, version: str | None = None) -> float:
         """The cached score of ``image`` under the predictor's model, computed once."""
         version = version or model_version(predictor)
-        digest = file_digest(image)
+        digest = self._digest(image)
         with self._lock:
             table = self._table(version)
             if digest in table:

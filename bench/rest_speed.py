@@ -34,17 +34,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def matmul_peak(n: int = 2048, reps: int = 3) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from predict_speed import matmul_peak  # noqa: E402  (same-run baseline, one definition)
 
 
 def encoder_figures(repeats: int = 5) -> tuple[float, float, float, str]:

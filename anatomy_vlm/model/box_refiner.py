@@ -22,14 +22,9 @@ import torch
 import torch.nn as nn
 from torchvision.ops import roi_align
 
-from .boxes import box_cxcywh_to_xyxy
+from .boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 
 __all__ = ["BoxRefiner"]
-
-
-def _xyxy_to_cxcywh(b: torch.Tensor) -> torch.Tensor:
-    return torch.stack([(b[..., 0] + b[..., 2]) / 2, (b[..., 1] + b[..., 3]) / 2,
-                        b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]], -1)
 
 
 class _Stage(nn.Module):
@@ -134,5 +129,5 @@ class BoxRefiner(nn.Module):
         outs = []
         for i, stage in enumerate(self.stages):
             b = stage(feats, b if i == 0 else b.detach(), region_embeddings, image)
-            outs.append(_xyxy_to_cxcywh(b))
+            outs.append(box_xyxy_to_cxcywh(b))
         return outs

@@ -103,8 +103,12 @@ def fast_encoder(encoder: torch.nn.Module | None, cache_root: str | os.PathLike 
     except ImportError:
         logger.info("onnxruntime is not installed: the encoder runs in PyTorch")
         return encoder
-    root = Path(cache_root) if cache_root else Path(
-        os.environ.get("ANATOMY_VLM_CACHE", Path.home() / ".cache" / "anatomy_vlm"))
+    if cache_root:
+        root = Path(cache_root)
+    else:
+        from ..embed import default_cache_dir
+
+        root = default_cache_dir().parent
     path = root / "onnx" / f"{tag}.onnx"
     try:
         fast = OnnxEncoder(encoder, path)

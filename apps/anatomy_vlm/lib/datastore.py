@@ -102,7 +102,7 @@ class AnatomyDatastore(LocalDatastore):
         import nibabel as nib
 
         from anatomy_vlm.io import ImageReadError, read_image
-        from anatomy_vlm.labels import check_mask_shape
+        from anatomy_vlm.labels import check_mask_dims
 
         try:
             H, W = read_image(image_path).pixels.shape
@@ -114,23 +114,9 @@ class AnatomyDatastore(LocalDatastore):
             raise HTTPException(status_code=400, detail=f"the mask label is not a readable NIfTI file: {e}") from None
         # our masks are stored x = column, y = row: (W, H[, K]); a trailing singleton axis is allowed
         dims = [s for i, s in enumerate(shape) if not (i >= 2 and s == 1)]
-        if len(dims) == 3:
-            arr_shape = (dims[2], dims[1], dims[0])
-        elif len(dims) == 2:
-            arr_shape = (dims[1], dims[0])
-        else:
-            arr_shape = tuple(dims)
+        arr_shape = tuple(reversed(dims))  # (W, H[, K]) -> ([K,] H, W)
         try:
-            from anatomy_vlm.anatomy import NUM_REGIONS
-
-            if len(arr_shape) == 3:
-                if arr_shape != (NUM_REGIONS, H, W):
-                    raise LabelError(f"masks are {arr_shape} (K, H, W) but the image is {H} x {W}: expected "
-                                     f"({NUM_REGIONS}, {H}, {W})")
-            else:
-                import numpy as np
-
-                check_mask_shape(np.zeros(arr_shape, np.uint8), (H, W))
+            check_mask_dims(arr_shape, (H, W))
         except LabelError as e:
             raise HTTPException(status_code=400, detail=f"mask label: {e}") from None
 
