@@ -39,6 +39,7 @@ from .anatomy import NUM_REGIONS, REGION_NAMES, REGIONS, region as _lookup_regio
 from .cache import EmbeddingCache, file_digest
 from .io import Radiograph, read_image
 from .model.query_mask_head import mask_boxes
+from .model.dense_mask_head import boxes_from_logits, clean_logits, mask_quality
 
 logger = logging.getLogger(__name__)
 
@@ -301,21 +302,36 @@ class Predictor:
         """
         idx = resolve_regions(regions)
         t0 = time.perf_counter()
-        need_image = with_masks or getattr(self.model, "boxes_need_image", False)
+        # the dense mask head places the served boxes, so it runs for detection too
+        dense = bool(getattr(self.model, "boxes_from_masks", False))
+        run_masks = with_masks or dense
+        need_image = run_masks or getattr(self.model, "boxes_need_image", False)
         emb, box, cached, src, x = self._embedding(image, need_input=need_image)
         t1 = time.perf_counter()
         S = float(self.model.input_size)
         with torch.no_grad():
             # All 29 masks in one call even for a subset: the query mask head computes its per-pixel
             # features once per image and pairs region embeddings with boxes by position.
-            out = self.model(images=x[None] if need_image else None, embeddings=emb[None], with_masks=with_masks,
-                             refine_steps=self.refine_steps if with_masks else 0)
+            out = self.model(images=x[None] if need_image else None, embeddings=emb[None], with_masks=run_masks,
+                             refine_steps=self.refine_steps if run_masks else 0)
             boxes_in = out.boxes_xyxy[0].float() * S  # (Q, 4) input-frame pixel edges
             scores = out.scores[0].float().numpy()
-            logits = out.masks[0][idx] if with_masks else None
+            all_logits = out.masks[0] if run_masks else None
+            if dense:
+                all_logits = clean_logits(all_logits)
+            logits = all_logits[idx] if with_masks else None
         t2 = time.perf_counter()
         dec = np.asarray(box.boxes_to_original(boxes_in[idx].numpy()), np.float32)
         final, source, masks = dec.copy(), ["decoder"] * len(idx), None
+        if dense:
+            mb, empty = boxes_from_logits(all_logits[idx], box.resized_size, box.original_size)
+            q = mask_quality(all_logits[idx]).numpy()
+            for j in range(len(idx)):
+                if not empty[j]:
+                    final[j], source[j] = mb[j], "mask"
+            # rank detections by presence x mask certainty; an empty mask keeps the decoder's box at half score
+            scores = scores.copy()
+            scores[list(idx)] = scores[list(idx)] * np.where(empty, 0.5, q)
         if logits is not None:
             H, W = box.original_size
             masks = np.zeros((len(idx), H, W), bool)
@@ -323,10 +339,11 @@ class Predictor:
                 with torch.no_grad():
                     up = box.masks_to_original(logits[k:k + self.mask_chunk].float())
                 masks[k:k + self.mask_chunk] = (up > 0).numpy()
-            mb = mask_boxes(torch.from_numpy(masks)).numpy()
-            for k in range(len(idx)):
-                if mb[k, 2] > mb[k, 0]:  # non-empty mask
-                    final[k], source[k] = mb[k], "mask"
+            if not dense:  # (the dense head's boxes are already the masks', to a fraction of a pixel)
+                mb = mask_boxes(torch.from_numpy(masks)).numpy()
+                for k in range(len(idx)):
+                    if mb[k, 2] > mb[k, 0]:  # non-empty mask
+                        final[k], source[k] = mb[k], "mask"
         t3 = time.perf_counter()
         timing = {"embed": round(t1 - t0, 4), "cached": bool(cached), "decode": round(t2 - t1, 4),
                   "masks": round(t3 - t2, 4), "total": round(t3 - t0, 4)}

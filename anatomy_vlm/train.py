@@ -21,7 +21,10 @@ One config file per run (JSON, or YAML if the file ends in .yaml/.yml); every ke
     ``init_checkpoint`` (fine-tune: start from this checkpoint and its model config),
     ``augment_copies`` (augmented copies per training image, encoded once: :mod:`anatomy_vlm.augment`),
     ``mask_every`` (run the mask head and its loss on every n-th step only: it costs about 4x a box-only
-    step here, and boxes need more steps than masks).
+    step here, and boxes need more steps than masks), ``feature_affine`` (``null``, or
+    ``{"prob", "rotate_deg", "scale", "shift"}``: a random similarity transform of embedding, image and
+    masks per step, boxes re-derived from the warped masks; see
+    :func:`anatomy_vlm.model.dense_mask_head.affine_augment`).
 ``output``
     ``checkpoint`` (the served file, replaced atomically when validation improves) and ``run_dir``
     (``last.pt`` with optimizer state for ``--resume``, ``log.jsonl``).
@@ -67,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {"epochs": 60, "batch_size": 8, "lr": 4e-4, "lr_min": 1e-5, "weight_decay": 1e-4,
               "grad_clip": 1.0, "loss_weights": {}, "aux_weight": 0.5, "seed": 0, "val_every": 5,
               "gate_jitter": 0.08, "augment_copies": 0, "mask_every": 1, "init_checkpoint": None,
+              "feature_affine": None,
               "threads": 2, "cache_dir": None},
     "output": {"checkpoint": "apps/anatomy_vlm/model/anatomy_vlm.pt", "run_dir": "runs/anatomy"},
 }
@@ -253,6 +257,22 @@ def jitter_boxes(boxes_xyxy: torch.Tensor, scale: float, gen: torch.Generator) -
     return boxes_xyxy + noise * torch.cat([wh, wh], -1)
 
 
+def _feature_affine(emb: torch.Tensor, images: torch.Tensor, tgt: dict, fa: dict, gen: torch.Generator,
+                    size: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Warp a batch's embeddings, images and masks alike; boxes and presence follow the warped masks."""
+    from .model.dense_mask_head import affine_augment
+    from .model.boxes import box_xyxy_to_cxcywh
+
+    emb, images, masks = affine_augment(emb, images, tgt["masks"], gen, rotate_deg=float(fa.get("rotate_deg", 8.0)),
+                                        scale=float(fa.get("scale", 0.12)), shift=float(fa.get("shift", 0.06)))
+    m = masks > 0.5
+    present = m.flatten(2).any(-1)
+    boxes = box_xyxy_to_cxcywh(mask_boxes(m).float() * (size / m.shape[-1]) / size)
+    tgt = dict(tgt, masks=masks, boxes=torch.where(present[..., None], boxes, torch.zeros_like(boxes)),
+               present=present & tgt["present"])
+    return emb, images, tgt
+
+
 def _dist_init() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -345,7 +365,11 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         for step, b0 in enumerate(bar):
             idx = order[b0: b0 + tc["batch_size"]]
             images, _, tgt = train_data.batch(idx, with_embeddings=False)
-            emb = emb_all[idx].float().to(device) if emb_all is not None else None
+            emb = emb_all[idx].float() if emb_all is not None else None
+            fa = tc.get("feature_affine")
+            if fa and emb is not None and "masks" in tgt and float(torch.rand(1, generator=gen)) < fa.get("prob", 1.0):
+                emb, images, tgt = _feature_affine(emb, images, tgt, fa, gen, model.input_size)
+            emb = emb.to(device) if emb is not None else None
             images = images.to(device)
             tgt = {k: v.to(device) for k, v in tgt.items()}
             with_masks = model.mask_head is not None and step % max(1, int(tc["mask_every"])) == 0

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from ..anatomy import NUM_REGIONS
 from .box_refiner import BoxRefiner
+from .dense_mask_head import DenseMaskHead
 from .boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .decoder import AnatomyDecoder
 from .encoder import CheckpointError, LiteMedSAMEncoder, ViTEncoder, load_litemedsam_state
@@ -39,6 +40,7 @@ __all__ = [
     "AnatomyVLM",
     "BoxRefiner",
     "BoxPromptMaskHead",
+    "DenseMaskHead",
     "QueryMaskHead",
     "CheckpointError",
     "INPUT_SIZE",
@@ -82,6 +84,12 @@ class AnatomyVLM(nn.Module):
     def boxes_need_image(self) -> bool:
         """Whether box prediction reads the letterboxed image too (a refiner with ``image_roi``)."""
         return self.box_refiner is not None and self.box_refiner.uses_image
+
+    @property
+    def boxes_from_masks(self) -> bool:
+        """Whether served boxes come from the masks (the dense mask head: its masks place box edges to
+        a pixel, see :mod:`.dense_mask_head`) rather than from the decoder."""
+        return isinstance(self.mask_head, DenseMaskHead)
 
     @property
     def input_size(self) -> int:
@@ -131,7 +139,9 @@ class AnatomyVLM(nn.Module):
                 raise ValueError("this model has no mask head (config mask_head.enabled is false)")
             if prompt_boxes is None:
                 prompt_boxes = out.boxes_xyxy.detach() * self.input_size
-            if isinstance(self.mask_head, QueryMaskHead):
+            if isinstance(self.mask_head, DenseMaskHead):
+                out.masks = self.mask_head(embeddings, images)  # no box prompts: boxes come from the masks
+            elif isinstance(self.mask_head, QueryMaskHead):
                 pix = self.mask_head.pixel_features(embeddings, images)
                 out.masks = self.mask_head.decode(pix, out.region_embeddings, prompt_boxes)
                 for _ in range(int(refine_steps)):
@@ -152,7 +162,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "decoder": {"d_model": 256, "num_layers": 3, "num_heads": 8, "dim_feedforward": 1024, "dropout": 0.1,
                 "embed_dim": 256, "global_embedding": True, "feature_pool": 2, "aux_outputs": True},
     "mask_head": {"enabled": True, "kind": "query", "checkpoint": None, "pretrained": True, "trainable": True,
-                  "use_image": True},
+                  "use_image": True, "widths": [96, 128, 160], "fine": [32, 16]},
     "box_refiner": {"enabled": True, "stages": 2, "channels": 32, "roi_size": 8, "hidden": 256,
                     "context": [1.5, 1.2], "image_roi": 0, "min_context": 0.0},
 }
@@ -228,7 +238,13 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
                                               for c in ctx_list)
            and len(ctx_list) in (1, br["stages"]),
            f"config box_refiner.context must be a number >= 1 or a list of one per stage, got {ctx!r}")
-    _check(mh["kind"] in ("query", "sam"), f"config mask_head.kind must be 'query' or 'sam', got {mh['kind']!r}")
+    _check(mh["kind"] in ("query", "sam", "dense"),
+           f"config mask_head.kind must be 'query', 'sam' or 'dense', got {mh['kind']!r}")
+    for key, n in (("widths", 3), ("fine", 2)):
+        v = mh[key]
+        _check(isinstance(v, Sequence) and not isinstance(v, str) and len(v) == n
+               and all(_is_int(x) and x > 0 and x % 8 == 0 for x in v),
+               f"config mask_head.{key} must be a list of {n} positive multiples of 8, got {v!r}")
 
     tb = enc["trainable_blocks"]
     _check(tb is None or (_is_int(tb) and tb >= 0),
@@ -303,7 +319,12 @@ def build_model(config: Mapping[str, Any] | None = None) -> AnatomyVLM:
           kind: query                 # query: all regions at once from the region queries on LiteMedSAM's
                                       #   upscaler, gated by the boxes (query_mask_head.py; ~50 ms for 29)
                                       # sam: LiteMedSAM prompt encoder + mask decoder, one pass per box
-          use_image: true             # query head: refine with the letterboxed image
+                                      # dense: a U-Net decoder over the embedding and the image, all
+                                      #   regions at once, no prompts; served boxes come from its masks
+                                      #   (dense_mask_head.py)
+          use_image: true             # query / dense head: refine with the letterboxed image
+          widths: [96, 128, 160]      # dense head: channels at 64x64, 32x32, 16x16
+          fine: [32, 16]              # dense head: channels at 128x128, 256x256
           checkpoint: null            # null = the package's lite_medsam.pth
           pretrained: true
           trainable: true             # fine-tune the mask decoder
@@ -338,6 +359,10 @@ def build_model(config: Mapping[str, Any] | None = None) -> AnatomyVLM:
         if mh_cfg["enabled"] and mh_cfg["kind"] == "sam":
             mask_head = BoxPromptMaskHead(mh_cfg["checkpoint"], state_dict=shared, pretrained=mh_cfg["pretrained"],
                                           trainable=mh_cfg["trainable"])
+        elif mh_cfg["enabled"] and mh_cfg["kind"] == "dense":
+            mask_head = DenseMaskHead(int(encoder.out_channels), widths=tuple(mh_cfg["widths"]),
+                                      fine=tuple(mh_cfg["fine"]), use_image=mh_cfg["use_image"])
+            mask_head.requires_grad_(bool(mh_cfg["trainable"]))
         elif mh_cfg["enabled"]:
             if shared is None and mh_cfg["pretrained"]:
                 shared = load_litemedsam_state(mh_cfg["checkpoint"])
