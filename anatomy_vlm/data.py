@@ -169,7 +169,8 @@ class DemoDataset:
                                  f"{(NUM_REGIONS, H, W)}")
         meta = {"dataset": "demo", "split": e.get("split"), "image_path": str(self.root / e["image"]),
                 "boxes_path": str(self.root / e["boxes"]), "image_findings": e.get("image_findings", []),
-                "region_findings": e.get("region_findings", {}), "report": e.get("report", "")}
+                "region_findings": e.get("region_findings", {}), "report": e.get("report", ""),
+                "report_sentences": e.get("report_sentences", [])}
         return {"id": e["id"], "image": rg.pixels, "boxes": boxes, "present": present, "valid": valid,
                 "masks": masks, "spacing": rg.spacing, "meta": meta}
 

@@ -177,3 +177,41 @@ def check_consistency() -> None:
         for name in f.regions:
             if name not in REGION_NAMES:
                 raise ValueError(f"finding {f.name!r} names unknown region {name!r}")
+
+
+def region_knowledge_text(name: str) -> str:
+    """The knowledge sentence of a region that enriches its embedding in the language stage: the
+    registry's anatomical description, the phrases reports use for it, and the findings that can be
+    seen there (with their descriptions' first clause)."""
+    r = region(name)
+    phrases = region_phrases(r.name)
+    parts = [f"{r.display}: {r.description}"]
+    if len(phrases) > 1:
+        parts.append("Also called " + ", ".join(phrases[1:]) + ".")
+    seen = [f.name for f in FINDINGS if r.name in f.regions]
+    if seen:
+        parts.append("Findings seen here: " + ", ".join(seen) + ".")
+    else:
+        parts.append("No finding of the knowledge base is assessed in this region.")
+    return " ".join(parts)
+
+
+def knowledge_texts() -> tuple[str, ...]:
+    """:func:`region_knowledge_text` of every registry region, in id order."""
+    return tuple(region_knowledge_text(n) for n in REGION_NAMES)
+
+
+#: Zero-shot prompt templates. ``{finding}`` is the user's finding text, ``{region}`` a region phrase.
+#: Written for scoring, not copied from the demo report templates (those are what training sees).
+ZERO_SHOT_POSITIVE: tuple[str, ...] = (
+    "{finding} in the {region}.",
+    "Findings of {finding} at the {region}.",
+    "The {region} demonstrates {finding}.",
+)
+ZERO_SHOT_NEGATIVE: tuple[str, ...] = (
+    "No {finding} in the {region}.",
+    "The {region} is normal without {finding}.",
+    "There is no {finding}.",
+)
+IMAGE_POSITIVE: tuple[str, ...] = ("{finding}.", "Chest radiograph showing {finding}.", "Findings of {finding}.")
+IMAGE_NEGATIVE: tuple[str, ...] = ("No {finding}.", "There is no evidence of {finding}.", "Normal chest, no {finding}.")

@@ -254,3 +254,51 @@ class AnatomyCriterion(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v:g}" for k, v in self.weights.items())
+
+
+# ---------------------------------------------------------------------------------------- language stage
+def calibrated_infonce(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, scale: torch.Tensor | float
+                       ) -> torch.Tensor:
+    """Symmetric InfoNCE over ``N`` pairs ``(x_i, y_i)`` with fVLM's false-negative calibration.
+
+    CLIP's loss treats every other pair of the batch as a negative. In a radiology batch many "other"
+    pairs say the same thing (two normal lungs, two effusions): pushing them apart teaches the model
+    that identical findings differ. Here pair ``j`` is a negative of pair ``i`` only when their
+    ``groups`` differ; same-group entries other than the pair itself are left out of the softmax.
+
+    Args:
+        x, y: ``(N, J)`` unit vectors (regions or images; sentences or reports).
+        groups: ``(N,)`` integer category per pair (``normal`` or a finding; a report's finding set).
+        scale: Similarity temperature (``exp(logit_scale)``).
+
+    Returns:
+        Scalar: mean of the x->y and y->x cross-entropies (0 when nothing can be contrasted).
+    """
+    n = x.shape[0]
+    if n < 2:
+        return x.sum() * 0.0
+    logits = scale * (x @ y.t())
+    g = groups.to(x.device)
+    same = (g[:, None] == g[None, :]) & ~torch.eye(n, dtype=torch.bool, device=x.device)
+    logits = logits.masked_fill(same, float("-inf"))
+    target = torch.arange(n, device=x.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def grounding_loss(regions: torch.Tensor, sentences: torch.Tensor, image_index: torch.Tensor,
+                   positives: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Each positive sentence against the ``K`` regions of its own image (multi-positive softmax).
+
+    Args:
+        regions: ``(B, K, J)`` unit region embeddings of the batch.
+        sentences: ``(M, J)`` unit sentence embeddings.
+        image_index: ``(M,)`` which image of the batch each sentence belongs to.
+        positives: ``(M, K)`` bool, the regions the sentence speaks of (with their parents).
+        scale: Similarity temperature.
+
+    Returns:
+        Scalar ``-mean_m log sum_{k in positives_m} softmax_k(scale * <s_m, r_k>)``.
+    """
+    logits = scale * torch.einsum("mj,mkj->mk", sentences, regions[image_index])
+    logp = torch.log_softmax(logits, -1)
+    return -(torch.logsumexp(logp.masked_fill(~positives, float("-inf")), -1)).mean()

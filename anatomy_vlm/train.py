@@ -24,7 +24,10 @@ One config file per run (JSON, or YAML if the file ends in .yaml/.yml); every ke
     step here, and boxes need more steps than masks), ``feature_affine`` (``null``, or
     ``{"prob", "rotate_deg", "scale", "shift"}``: a random similarity transform of embedding, image and
     masks per step, boxes re-derived from the warped masks; see
-    :func:`anatomy_vlm.model.dense_mask_head.affine_augment`).
+    :func:`anatomy_vlm.model.dense_mask_head.affine_augment`), ``image_jitter`` (``null``, or
+    ``{"prob", "gamma", "noise"}``: per-step grey-level changes of the image the mask head reads next to
+    the embedding: gamma drawn log-uniformly in ``[1/gamma, gamma]``, Gaussian noise of standard deviation
+    up to ``noise``; see :func:`jitter_images`).
 ``output``
     ``checkpoint`` (the served file, replaced atomically when validation improves) and ``run_dir``
     (``last.pt`` with optimizer state for ``--resume``, ``log.jsonl``).
@@ -55,6 +58,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .anatomy import REGISTRY_VERSION
+from .alignment import ALIGN_DEFAULTS
 from .augment import augment_sample, augmented_digest, copy_seed
 from .cache import EmbeddingCache, file_digest
 from .checkpoint import save_checkpoint
@@ -70,9 +74,10 @@ DEFAULTS: dict[str, Any] = {
     "train": {"epochs": 60, "batch_size": 8, "lr": 4e-4, "lr_min": 1e-5, "weight_decay": 1e-4,
               "grad_clip": 1.0, "loss_weights": {}, "aux_weight": 0.5, "seed": 0, "val_every": 5,
               "gate_jitter": 0.08, "augment_copies": 0, "mask_every": 1, "init_checkpoint": None,
-              "feature_affine": None,
+              "feature_affine": None, "image_jitter": None,
               "threads": 2, "cache_dir": None},
     "output": {"checkpoint": "apps/anatomy_vlm/model/anatomy_vlm.pt", "run_dir": "runs/anatomy"},
+    "align": dict(ALIGN_DEFAULTS),
 }
 
 
@@ -100,7 +105,7 @@ def load_config(path: str | os.PathLike | None, overrides: dict | None = None) -
     if unknown:
         raise ValueError(f"unknown config section(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
     out = copy.deepcopy(DEFAULTS)
-    for sec in ("train", "output"):
+    for sec in ("train", "output", "align"):
         bad = set(cfg.get(sec, {})) - set(DEFAULTS[sec])
         if bad:
             raise ValueError(f"unknown key(s) {sorted(bad)} in section '{sec}'; valid: {sorted(DEFAULTS[sec])}")
@@ -188,9 +193,12 @@ class _Prepared:
     def _item(s: dict, digest: str | None, mask_size: int) -> dict:
         x, lb = letterbox(s["image"])
         t = to_model_targets(s, input_size=x.shape[-1], mapping=lb, mask_size=mask_size)
+        meta = s.get("meta") or {}
         return {"id": s["id"], "image": x[:1].half(), "digest": digest,
                 "boxes": t["boxes"], "present": t["present"], "valid": t["valid"],
-                "masks": t["masks"].bool() if t["masks"] is not None else None}
+                "masks": t["masks"].bool() if t["masks"] is not None else None,
+                "text": {k: meta[k] for k in ("report", "region_findings", "image_findings", "report_sentences")
+                         if k in meta}}
 
     def __len__(self):
         return len(self.items)
@@ -257,6 +265,22 @@ def jitter_boxes(boxes_xyxy: torch.Tensor, scale: float, gen: torch.Generator) -
     return boxes_xyxy + noise * torch.cat([wh, wh], -1)
 
 
+def jitter_images(images: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
+    """Random gamma and noise per image of a ``(B, C, S, S)`` batch in [0, 1]; the letterbox padding
+    (exact zeros) stays zero, as it is at inference."""
+    B = images.shape[0]
+    apply = torch.rand(B, generator=gen) < float(cfg.get("prob", 0.5))
+    g = float(cfg.get("gamma", 1.4))
+    gamma = torch.exp((torch.rand(B, generator=gen) * 2 - 1) * math.log(max(g, 1.0)))
+    sd = torch.rand(B, generator=gen) * float(cfg.get("noise", 0.03))
+    gamma = torch.where(apply, gamma, torch.ones_like(gamma))[:, None, None, None]
+    sd = torch.where(apply, sd, torch.zeros_like(sd))[:, None, None, None]
+    content = images > 0
+    noise = torch.randn(images.shape[0], 1, *images.shape[-2:], generator=gen) * sd
+    out = (images.clamp(min=0) ** gamma + noise).clamp(0, 1)
+    return torch.where(content, out, torch.zeros_like(out))
+
+
 def _feature_affine(emb: torch.Tensor, images: torch.Tensor, tgt: dict, fa: dict, gen: torch.Generator,
                     size: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Warp a batch's embeddings, images and masks alike; boxes and presence follow the warped masks."""
@@ -301,6 +325,10 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         config = dict(config, model=model.config)
     else:
         model = build_model(config["model"])
+    ac = config.get("align") or {}
+    if ac.get("enabled"):
+        _attach_aligner(model)
+        config = dict(config, model=model.config)
     encoder_frozen = not any(p.requires_grad for p in model.encoder.parameters())
     train_ds, val_ds = _datasets(config["data"])
     cache = None
@@ -369,6 +397,8 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
             fa = tc.get("feature_affine")
             if fa and emb is not None and "masks" in tgt and float(torch.rand(1, generator=gen)) < fa.get("prob", 1.0):
                 emb, images, tgt = _feature_affine(emb, images, tgt, fa, gen, model.input_size)
+            if tc.get("image_jitter"):
+                images = jitter_images(images, tc["image_jitter"], gen)
             emb = emb.to(device) if emb is not None else None
             images = images.to(device)
             tgt = {k: v.to(device) for k, v in tgt.items()}
@@ -379,7 +409,7 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
             if with_masks and tc["gate_jitter"] > 0:
                 gates = jitter_boxes(box_cxcywh_to_xyxy(tgt["boxes"]) * model.input_size, tc["gate_jitter"], gen)
             with autocast:
-                out = ddp_model(images=images, embeddings=emb, with_masks=with_masks, prompt_boxes=gates)
+                out = ddp_model(images=images, embeddings=emb, with_masks=with_masks, prompt_boxes=gates, align=False)
                 losses = criterion(out, tgt)
                 loss = losses["loss"]
                 for aux in out.aux_outputs or []:
@@ -414,10 +444,72 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
             log.flush()
             if show:
                 tqdm.write(json.dumps(rec), file=sys.stderr)
+    result = {"best": best, "seconds": round(time.time() - t0, 1), "checkpoint": oc["checkpoint"]}
+    if rank == 0 and ac.get("enabled"):
+        if tc["epochs"] > start_epoch or best is not None:  # continue from the best detection weights
+            from .checkpoint import read_checkpoint
+
+            model.load_state_dict(read_checkpoint(oc["checkpoint"])["state_dict"], strict=False)
+        meta = dict(meta_base, metrics={"val": best} if best else {}, train_seconds=round(time.time() - t0, 1))
+        if init and not best:
+            from .checkpoint import read_checkpoint
+
+            meta = dict(read_checkpoint(init)["meta"], command=command, config=config)
+        summary = _align_stage(model, config, train_data, emb_all, val_data, show, log)
+        meta.setdefault("metrics", {})
+        meta["metrics"] = dict(meta["metrics"], align=summary)
+        meta["align_seconds"] = summary["seconds"]
+        save_checkpoint(oc["checkpoint"], model, meta)
+        result["align"] = summary
     if log:
         log.close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return {"best": best, "seconds": round(time.time() - t0, 1), "checkpoint": oc["checkpoint"]}
+    return result
+
+
+def _attach_aligner(model) -> None:
+    """Give a model an (untrained) aligner when it has none, and record it in its config."""
+    from .model import RegionAligner, resolve_config
+
+    cfg = resolve_config(dict(model.config or {}, aligner=dict((model.config or {}).get("aligner") or {}, enabled=True)))
+    if model.aligner is None:
+        a = cfg["aligner"]
+        model.aligner = RegionAligner(int(model.encoder.out_channels), cfg["decoder"]["embed_dim"],
+                                      text_dim=a["text_dim"], joint_dim=a["joint_dim"], hidden=a["hidden"],
+                                      dropout=float(a["dropout"]))
+    model.config = cfg
+
+
+def _align_stage(model, config: dict, train_data: "_Prepared", emb_all, val_data: "_Prepared | None",
+                 progress: bool, log) -> dict:
+    """The language stage after detection (see :mod:`anatomy_vlm.alignment`)."""
+    import hashlib
+
+    from .alignment import precompute, report_pairs, train_alignment
+    from .knowledge import knowledge_texts
+    from .text import TextEncoder
+
+    ac = dict(ALIGN_DEFAULTS, **config["align"])
+    tc = config["train"]
+    text_cache = ac.get("text_cache") or str(Path(tc["cache_dir"] or default_cache_dir()).parent / "text")
+    text = TextEncoder(ac.get("text_model") or model.config["aligner"].get("text_model"), cache_dir=text_cache)
+    know = knowledge_texts()
+    model.aligner.set_knowledge(text.encode(list(know)))
+    model.config["aligner"]["knowledge_digest"] = hashlib.sha1("\n".join(know).encode()).hexdigest()[:16]
+    model.config["aligner"]["text_model"] = ac.get("text_model") or model.config["aligner"].get("text_model")
+    model.config["aligner"]["text_tag"] = text.tag
+    emb = [emb_all[i] for i in range(len(train_data.items))] if emb_all is not None else \
+        [train_data.cache.get(it["digest"]) for it in train_data.items]
+    feats = precompute(model, train_data.items, emb, progress)
+    pairs = [report_pairs(it.get("text", {}).get("report", ""), int(ac["normal_per_image"]), int(ac["seed"]))
+             for it in train_data.items]
+    val = None
+    if val_data is not None and len(val_data.items) and all("region_findings" in it.get("text", {})
+                                                            for it in val_data.items):
+        vemb = [val_data.cache.get(it["digest"]) for it in val_data.items]
+        val = (precompute(model, val_data.items, vemb, progress), [it["text"] for it in val_data.items])
+    writer = (lambda rec: (log.write(json.dumps(rec) + "\n"), log.flush())) if log else None
+    return train_alignment(model, feats, pairs, text, ac, val=val, progress=progress, log=writer)
 

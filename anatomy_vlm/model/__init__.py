@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..anatomy import NUM_REGIONS
+from .aligner import RegionAligner, pool_regions
 from .box_refiner import BoxRefiner
 from .dense_mask_head import DenseMaskHead
 from .boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
@@ -42,6 +43,7 @@ __all__ = [
     "BoxPromptMaskHead",
     "DenseMaskHead",
     "QueryMaskHead",
+    "RegionAligner",
     "CheckpointError",
     "INPUT_SIZE",
     "Letterbox",
@@ -72,12 +74,13 @@ class AnatomyVLM(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module | None, decoder: AnatomyDecoder, mask_head: BoxPromptMaskHead | None = None,
-                 box_refiner: BoxRefiner | None = None):
+                 box_refiner: BoxRefiner | None = None, aligner: RegionAligner | None = None):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.mask_head = mask_head
         self.box_refiner = box_refiner
+        self.aligner = aligner
         self.config: dict[str, Any] | None = None
 
     @property
@@ -104,7 +107,7 @@ class AnatomyVLM(nn.Module):
 
     def forward(self, images: torch.Tensor | None = None, embeddings: torch.Tensor | None = None,
                 with_masks: bool = False, prompt_boxes: torch.Tensor | None = None,
-                refine_steps: int = 0) -> AnatomyOutput:
+                refine_steps: int = 0, align: bool = True) -> AnatomyOutput:
         """Predict the regions of a batch.
 
         Args:
@@ -118,6 +121,8 @@ class AnatomyVLM(nn.Module):
                 bounding boxes of the previous masks (regions whose mask is empty keep their box). The
                 head is trained with jittered ground-truth boxes as gates, so it corrects a box that is
                 roughly right; starting from the decoder's boxes, one step usually suffices.
+            align: With an aligner and masks, also give the joint-space region and image embeddings
+                (``aligned_regions``, ``aligned_image``).
 
         Returns:
             :class:`AnatomyOutput`; ``masks`` ``(B, K, 256, 256)`` logits when ``with_masks``.
@@ -152,6 +157,9 @@ class AnatomyVLM(nn.Module):
             else:
                 m = self.mask_head(embeddings, prompt_boxes)
                 out.masks, out.mask_iou = m.masks, m.iou
+            if self.aligner is not None and align:
+                a = self.aligner(pool_regions(embeddings, out.masks), out.region_embeddings, out.global_embedding)
+                out.aligned_regions, out.aligned_image = a.regions, a.image
         return out
 
 
@@ -165,6 +173,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
                   "use_image": True, "widths": [96, 128, 160], "fine": [32, 16]},
     "box_refiner": {"enabled": True, "stages": 2, "channels": 32, "roi_size": 8, "hidden": 256,
                     "context": [1.5, 1.2], "image_roi": 0, "min_context": 0.0},
+    "aligner": {"enabled": False, "joint_dim": 256, "hidden": 512, "text_dim": 384, "dropout": 0.1,
+                "text_model": None, "knowledge_digest": None, "text_tag": None},
 }
 """The default (LiteMedSAM) config; :func:`build_model` documents every key."""
 
@@ -223,6 +233,14 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     dec = _section(config, "decoder", DEFAULT_CONFIG["decoder"])
     mh = _section(config, "mask_head", DEFAULT_CONFIG["mask_head"])
     br = _section(config, "box_refiner", DEFAULT_CONFIG["box_refiner"])
+    al = _section(config, "aligner", DEFAULT_CONFIG["aligner"])
+    _check(isinstance(al["enabled"], bool), f"config aligner.enabled must be true or false, got {al['enabled']!r}")
+    for key in ("joint_dim", "hidden", "text_dim"):
+        _check(_is_int(al[key]) and al[key] > 0, f"config aligner.{key} must be a positive integer, got {al[key]!r}")
+    _check(al["text_model"] is None or isinstance(al["text_model"], str),
+           f"config aligner.text_model must be a folder path string or null, got {al['text_model']!r}")
+    _check(not al["enabled"] or mh["enabled"],
+           "config aligner.enabled needs mask_head.enabled: region features are pooled inside the region masks")
     _check(isinstance(br["enabled"], bool), f"config box_refiner.enabled must be true or false, got {br['enabled']!r}")
     _check(isinstance(br["min_context"], (int, float)) and not isinstance(br["min_context"], bool)
            and 0 <= br["min_context"] <= 1,
@@ -279,7 +297,7 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
            f"config decoder.d_model ({dec['d_model']}) must be even and divisible by num_heads ({dec['num_heads']})")
     _check(isinstance(dec["dropout"], (int, float)) and not isinstance(dec["dropout"], bool)
            and 0 <= dec["dropout"] < 1, f"config decoder.dropout must be a number in [0, 1), got {dec['dropout']!r}")
-    return {"encoder": enc, "decoder": dec, "mask_head": mh, "box_refiner": br}
+    return {"encoder": enc, "decoder": dec, "mask_head": mh, "box_refiner": br, "aligner": al}
 
 
 def build_model(config: Mapping[str, Any] | None = None) -> AnatomyVLM:
@@ -337,6 +355,15 @@ def build_model(config: Mapping[str, Any] | None = None) -> AnatomyVLM:
           context: [1.5, 1.2]         # enlargement of the sampled box per stage
           image_roi: 0                # also sample the letterboxed image on this grid per box (0: no)
           min_context: 0.0            # first stage's window side at least this fraction of the frame
+        aligner:                      # language stage (aligner.py); trained by anatomy_vlm.alignment
+          enabled: false
+          joint_dim: 256              # joint image-text space
+          hidden: 512                 # MLP width
+          text_dim: 384               # text encoder output (all-MiniLM-L6-v2)
+          dropout: 0.1
+          text_model: null            # local text model folder; null = the packaged all-MiniLM-L6-v2
+          knowledge_digest: null      # set in training: digest of the knowledge texts encoded
+          text_tag: null              # set in training: the text encoder's identity (name + weight digest)
 
     The number of queries is always ``anatomy.NUM_REGIONS``. The LiteMedSAM file is read once for encoder
     and mask head. The resolved config is stored as ``model.config``.
@@ -384,6 +411,11 @@ def build_model(config: Mapping[str, Any] | None = None) -> AnatomyVLM:
         refiner = BoxRefiner(int(encoder.out_channels), dec_cfg["embed_dim"], stages=br_cfg["stages"],
                              channels=br_cfg["channels"], roi_size=br_cfg["roi_size"], hidden=br_cfg["hidden"],
                              context=ctx, image_roi=br_cfg["image_roi"], min_context=float(br_cfg["min_context"]))
-    model = AnatomyVLM(encoder, decoder, mask_head, refiner)
+    al_cfg = cfg["aligner"]
+    aligner = None
+    if al_cfg["enabled"]:
+        aligner = RegionAligner(int(encoder.out_channels), dec_cfg["embed_dim"], text_dim=al_cfg["text_dim"],
+                                joint_dim=al_cfg["joint_dim"], hidden=al_cfg["hidden"], dropout=float(al_cfg["dropout"]))
+    model = AnatomyVLM(encoder, decoder, mask_head, refiner, aligner)
     model.config = cfg
     return model

@@ -35,6 +35,9 @@ class AnatomyOutput:
             ``boxes`` and ``presence_logits`` set: one per earlier decoder layer (``num_layers - 1``, first
             layer first; none when the decoder's ``aux_outputs`` is off), then, with a box refiner, the
             decoder's own final boxes and every refinement stage but the last (``boxes`` is the last).
+        aligned_regions: ``(B, Q, J)`` unit region embeddings in the joint image-text space (with an
+            aligner and masks), or ``None``.
+        aligned_image: ``(B, J)`` unit image embedding in the joint space, or ``None``.
     """
 
     boxes: torch.Tensor
@@ -44,6 +47,8 @@ class AnatomyOutput:
     masks: torch.Tensor | None = None
     mask_iou: torch.Tensor | None = None
     aux_outputs: tuple[AnatomyOutput, ...] = ()
+    aligned_regions: torch.Tensor | None = None
+    aligned_image: torch.Tensor | None = None
 
     @property
     def boxes_xyxy(self) -> torch.Tensor:

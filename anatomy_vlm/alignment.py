@@ -1,0 +1,261 @@
+"""The language stage's training data and training: reports -> region/sentence pairs -> aligned embeddings.
+
+Pairs come from the report text alone, through :mod:`anatomy_vlm.report_parser`, so a user's own report
+corpus becomes training data the same way the demo reports do (the demo's structured labels are used
+only to *evaluate*). Per image:
+
+* a **positive mention** (finding ``f`` at regions ``R``) pairs each region of ``R`` and its parent
+  (the lung of a zone) with the sentence; category ``f``;
+* a **negated mention** ("No pneumothorax.", "The lungs are clear.") pairs the regions where ``f`` can be
+  seen (``knowledge``), on the sides the sentence speaks of, and not positive for anything in this
+  report, with the sentence; category ``normal`` (at most ``normal_per_image`` such pairs per image);
+* the whole report pairs with the image; its category is the set of findings it asserts.
+
+Losses (:mod:`anatomy_vlm.losses`: ``calibrated_infonce``, ``grounding_loss``), trained in stages as
+Anatomy-VLM does, after detection (``anatomy_vlm.train``): ``global`` (image <-> report only), then
+``all`` (image, region <-> sentence, and grounding: a positive sentence against the 29 regions of its
+own image). False negatives are calibrated as fVLM does: pairs of the same category (two normal
+regions, or two regions with the same finding) are never each other's negatives.
+
+The detection parts are frozen in this stage, so the inputs of the aligner (pooled region features,
+region tokens, global token) are computed once per training item (:func:`precompute`) and the stage
+costs seconds per epoch; detection and segmentation cannot regress.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .anatomy import NUM_REGIONS, REGION_NAMES, region
+from .knowledge import FINDING_NAMES, finding as _finding
+from .report_parser import parse_report
+
+__all__ = ["ReportPairs", "report_pairs", "precompute", "train_alignment", "ALIGN_DEFAULTS"]
+
+_INDEX = {n: i for i, n in enumerate(REGION_NAMES)}
+NORMAL = "normal"
+
+
+@dataclass
+class ReportPairs:
+    """What one report gives the language stage.
+
+    Attributes:
+        report: The report text (paired with the image).
+        findings: Findings the report asserts (sorted): the image's category.
+        regions: ``[(region index, sentence, category)]`` region-level pairs.
+        ground: ``[(sentence, positive region indices)]`` for positive sentences (grounding).
+    """
+
+    report: str
+    findings: tuple[str, ...]
+    regions: list[tuple[int, str, str]] = field(default_factory=list)
+    ground: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+
+
+def _with_parents(names: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        r = region(n)
+        for x in (r.name, r.parent):
+            if x and x not in out:
+                out.append(x)
+    return out
+
+
+def report_pairs(report: str, normal_per_image: int = 8, seed: int = 0) -> ReportPairs:
+    """Parse ``report`` into language-stage pairs (see the module docstring)."""
+    parsed = parse_report(report or "")
+    pos_regions: set[str] = set()
+    asserted: set[str] = set()
+    for _, mentions in parsed:
+        for m in mentions:
+            if not m.negated:
+                asserted.add(m.finding)
+                pos_regions.update(_with_parents(m.regions))
+    out = ReportPairs(report=report or "", findings=tuple(sorted(asserted)))
+    normals: list[tuple[int, str, str]] = []
+    for sentence, mentions in parsed:
+        for m in mentions:
+            if not m.negated:
+                regs = _with_parents(m.regions)
+                if not regs:
+                    continue
+                out.regions += [(_INDEX[n], sentence, m.finding) for n in regs]
+                out.ground.append((sentence, tuple(_INDEX[n] for n in regs)))
+            else:
+                sides = {region(n).side for n in m.regions} or {"right", "left", "midline"}
+                for n in _finding(m.finding).regions:
+                    if n not in pos_regions and region(n).side in sides:
+                        normals.append((_INDEX[n], sentence, NORMAL))
+    if normals:
+        normals = list(dict.fromkeys(normals))
+        rng = np.random.default_rng(int(hashlib.sha1(f"{seed}/{report}".encode()).hexdigest()[:8], 16))
+        pick = rng.permutation(len(normals))[:normal_per_image]
+        out.regions += [normals[i] for i in sorted(pick)]
+    return out
+
+
+@torch.no_grad()
+def precompute(model, items: Sequence[dict], embeddings: Sequence[torch.Tensor], progress: bool = True,
+               batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Aligner inputs for training items, from the frozen detection model (one forward per item).
+
+    Args:
+        model: An :class:`~anatomy_vlm.model.AnatomyVLM` with a dense mask head.
+        items: Prepared items (``image`` ``(1, S, S)``), in order.
+        embeddings: Their encoder embeddings ``(C, h, w)``.
+
+    Returns:
+        ``{"pooled": (N, K, 2C) float16, "tokens": (N, K, D) float16, "global": (N, D) float16}``.
+    """
+    from .model.aligner import pool_regions
+
+    model.eval()
+    pooled, tokens, glob = [], [], []
+    for s in tqdm(range(0, len(items), batch_size), desc="align: region features", unit="batch",
+                  disable=not progress, file=sys.stderr):
+        its = items[s:s + batch_size]
+        x = torch.stack([it["image"].float().expand(3, -1, -1) for it in its])
+        e = torch.stack([embeddings[s + j].float() for j in range(len(its))])
+        out = model(images=x, embeddings=e, with_masks=True, align=False)
+        pooled.append(pool_regions(e, out.masks).half())
+        tokens.append(out.region_embeddings.half())
+        g = out.global_embedding if out.global_embedding is not None else torch.zeros_like(out.region_embeddings[:, 0])
+        glob.append(g.half())
+    return {"pooled": torch.cat(pooled), "tokens": torch.cat(tokens), "global": torch.cat(glob)}
+
+
+ALIGN_DEFAULTS: dict[str, Any] = {
+    "enabled": False, "global_epochs": 20, "all_epochs": 60, "batch_size": 32, "lr": 1e-3, "lr_min": 1e-5,
+    "weight_decay": 1e-4, "normal_per_image": 8, "weights": {"loss_image": 1.0, "loss_region": 1.0, "loss_ground": 1.0},
+    "text_model": None, "text_cache": None, "seed": 0,
+}
+"""The ``align`` section of a training config (``anatomy_vlm.train``)."""
+
+
+def _batches(n: int, bs: int, gen: torch.Generator):
+    order = torch.randperm(n, generator=gen).tolist()
+    for s in range(0, n, bs):
+        yield order[s:s + bs]
+
+
+def train_alignment(model, feats: dict[str, torch.Tensor], pairs: Sequence[ReportPairs], text_encoder,
+                    cfg: dict[str, Any], val: tuple[dict, Sequence[dict]] | None = None,
+                    progress: bool = True, log=None) -> dict[str, Any]:
+    """Train ``model.aligner`` (detection parts frozen) on precomputed features and report pairs.
+
+    Args:
+        model: ``AnatomyVLM`` with an ``aligner``.
+        feats: :func:`precompute` output for the training items.
+        pairs: One :class:`ReportPairs` per training item, same order.
+        text_encoder: :class:`anatomy_vlm.text.TextEncoder` (frozen; its embeddings are cached).
+        cfg: The ``align`` section (:data:`ALIGN_DEFAULTS`).
+        val: ``(val feats, val GT records)`` for a zero-shot check after each stage (see
+            :func:`anatomy_vlm.zeroshot.evaluate_zero_shot`), or ``None``.
+        log: A callable taking one JSON-able dict per epoch.
+
+    Returns:
+        ``{"seconds", "stages": {name: last epoch's losses}, "val": ...}``.
+    """
+    from .losses import calibrated_infonce, grounding_loss
+
+    al = model.aligner
+    if al is None:
+        raise ValueError("the model has no aligner (config aligner.enabled is false)")
+    texts = sorted({p.report for p in pairs} | {t for p in pairs for _, t, _ in p.regions}
+                   | {t for p in pairs for t, _ in p.ground})
+    tindex = {t: i for i, t in enumerate(texts)}
+    temb = text_encoder.encode(texts) if texts else torch.zeros(0, text_encoder.dim)
+    cat_ids = {c: i for i, c in enumerate((NORMAL,) + FINDING_NAMES)}
+    image_groups = {}
+    for p in pairs:
+        image_groups.setdefault(p.findings, len(image_groups))
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    for prm in al.parameters():
+        prm.requires_grad_(True)
+    params = [p for p in al.parameters() if p.requires_grad]
+    w = dict(ALIGN_DEFAULTS["weights"], **(cfg.get("weights") or {}))
+    gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
+    torch.manual_seed(int(cfg.get("seed", 0)))
+    N = feats["pooled"].shape[0]
+    bs = int(cfg["batch_size"])
+    t0 = time.time()
+    summary: dict[str, Any] = {"stages": {}}
+    for stage, epochs in (("global", int(cfg["global_epochs"])), ("all", int(cfg["all_epochs"]))):
+        if epochs <= 0:
+            continue
+        opt = torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+        total = epochs * math.ceil(N / bs)
+        lr_min = float(cfg["lr_min"]) / float(cfg["lr"])
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_min + (1 - lr_min) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        bar = tqdm(range(epochs), desc=f"align: {stage}", unit="epoch", disable=not progress, file=sys.stderr)
+        for epoch in bar:
+            al.train()
+            sums: dict[str, float] = {}
+            nb = 0
+            for idx in _batches(N, bs, gen):
+                out = al(feats["pooled"][idx].float(), feats["tokens"][idx].float(), feats["global"][idx].float())
+                losses = {}
+                rep = al.encode_text(temb[[tindex[pairs[i].report] for i in idx]])
+                losses["loss_image"] = calibrated_infonce(out.image, rep, torch.tensor(
+                    [image_groups[pairs[i].findings] for i in idx]), al.scale)
+                if stage == "all":
+                    rr, tt, cc = [], [], []
+                    gi, gs, gp = [], [], []
+                    for b, i in enumerate(idx):
+                        for k, t, c in pairs[i].regions:
+                            rr.append((b, k))
+                            tt.append(tindex[t])
+                            cc.append(cat_ids[c])
+                        for t, pos in pairs[i].ground:
+                            gi.append(b)
+                            gs.append(tindex[t])
+                            m = torch.zeros(NUM_REGIONS, dtype=torch.bool)
+                            m[list(pos)] = True
+                            gp.append(m)
+                    if rr:
+                        bi = torch.tensor([r[0] for r in rr])
+                        ki = torch.tensor([r[1] for r in rr])
+                        losses["loss_region"] = calibrated_infonce(out.regions[bi, ki], al.encode_text(temb[tt]),
+                                                                   torch.tensor(cc), al.scale)
+                    if gi:
+                        losses["loss_ground"] = grounding_loss(out.regions, al.encode_text(temb[gs]),
+                                                               torch.tensor(gi), torch.stack(gp), al.scale)
+                loss = sum(w[k] * v for k, v in losses.items())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                nb += 1
+            rec = {"stage": stage, "epoch": epoch + 1, **{k: round(v / nb, 5) for k, v in sums.items()},
+                   "scale": round(float(al.scale), 3), "seconds": round(time.time() - t0, 1)}
+            bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k.startswith("loss")})
+            if log:
+                log(rec)
+            summary["stages"][stage] = rec
+    al.eval()
+    for prm in al.parameters():
+        prm.requires_grad_(False)
+    summary["seconds"] = round(time.time() - t0, 1)
+    summary["texts"] = len(texts)
+    if val is not None:
+        from .zeroshot import evaluate_zero_shot
+
+        vfeats, vrecords = val
+        summary["val"] = evaluate_zero_shot(model, text_encoder, vfeats, vrecords)
+    return summary

@@ -1,0 +1,193 @@
+"""Zero-shot findings per region and per image, and text grounding, from the aligned embeddings.
+
+For any free-text finding ``f`` (trained or not) and region ``k``: the positive prompts
+(:data:`anatomy_vlm.knowledge.ZERO_SHOT_POSITIVE`, "{finding} in the {region}.") and the negative ones
+(:data:`~anatomy_vlm.knowledge.ZERO_SHOT_NEGATIVE`) are encoded by the frozen text encoder and the
+aligner's text projection; each set is averaged into one class vector (CLIP's prompt ensemble) and
+
+    p_k(f) = softmax(scale * [<r_k, c_pos(f, k)>, <r_k, c_neg(f, k)>])[0]
+
+with ``r_k`` the region's unit embedding and ``scale`` the learned temperature. The image-level
+probability uses the image embedding and the image templates. Grounding a sentence: its joint-space
+vector against the 29 region embeddings of the image, softmax over regions.
+
+Prompt embeddings are cached per text (:class:`anatomy_vlm.text.TextEncoder`): a new prompt costs one
+text-encoder call, then nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .anatomy import NUM_REGIONS, REGION_NAMES
+from .knowledge import (FINDING_NAMES, IMAGE_NEGATIVE, IMAGE_POSITIVE, ZERO_SHOT_NEGATIVE, ZERO_SHOT_POSITIVE,
+                        finding as _finding)
+
+__all__ = ["ZeroShotScorer", "evaluate_zero_shot", "PARAPHRASES", "roc_auc"]
+
+#: Finding wordings that appear nowhere in training (not in knowledge.py's names or synonyms, which the
+#: demo reports are written from): the zero-shot check for prompts the model never saw.
+PARAPHRASES: dict[str, str] = {
+    "consolidation": "alveolar opacification",
+    "pleural effusion": "hydrothorax",
+    "cardiomegaly": "increased cardiothoracic ratio",
+    "pneumothorax": "free air around the lung",
+    "nodule": "small round lesion",
+    "mass": "large tumorous lesion",
+    "atelectasis": "incomplete expansion of the lung",
+}
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """ROC AUC (MONAI's ``compute_roc_auc``); ``None`` unless both classes occur."""
+    from monai.metrics import compute_roc_auc
+
+    y = np.asarray(labels, bool)
+    if y.all() or not y.any():
+        return None
+    return float(compute_roc_auc(torch.as_tensor(np.asarray(scores, np.float64)), torch.as_tensor(y.astype(np.int64))))
+
+
+class ZeroShotScorer:
+    """Scores free-text findings against aligned region / image embeddings.
+
+    Args:
+        aligner: The model's :class:`~anatomy_vlm.model.aligner.RegionAligner` (eval mode).
+        text_encoder: The frozen :class:`~anatomy_vlm.text.TextEncoder` the aligner was trained with.
+    """
+
+    def __init__(self, aligner, text_encoder):
+        self.aligner, self.text = aligner, text_encoder
+        self._classes: dict[tuple[str, ...], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(N, J)`` joint-space unit vectors of texts (text-encoder cache first)."""
+        return self.aligner.encode_text(self.text.encode(list(texts)))
+
+    @torch.no_grad()
+    def _class_vector(self, texts: tuple[str, ...]) -> torch.Tensor:
+        v = self._classes.get(texts)
+        if v is None:
+            v = torch.nn.functional.normalize(self.embed(texts).mean(0), dim=-1)
+            self._classes[texts] = v
+        return v
+
+    @staticmethod
+    def _fill(templates: Sequence[str], finding: str, region: str | None = None) -> tuple[str, ...]:
+        out = []
+        for t in templates:
+            s = t.format(finding=finding, region=region or "")
+            out.append(s[0].upper() + s[1:])
+        return tuple(out)
+
+    @torch.no_grad()
+    def region_probs(self, regions: torch.Tensor, findings: Sequence[str],
+                     region_indices: Sequence[int] | None = None) -> np.ndarray:
+        """``(F, R)`` probabilities of each finding text in each region.
+
+        Args:
+            regions: ``(K, J)`` unit region embeddings of one image.
+            findings: Finding texts (checked by the caller).
+            region_indices: Which regions to score (default all, in registry order).
+        """
+        idx = list(range(regions.shape[0])) if region_indices is None else list(region_indices)
+        scale = float(self.aligner.scale)
+        out = np.zeros((len(findings), len(idx)), np.float32)
+        # one text-encoder call for all prompts not yet cached
+        self.text.encode([t for f in findings for k in idx for t in
+                          self._fill(ZERO_SHOT_POSITIVE + ZERO_SHOT_NEGATIVE, f, REGION_NAMES[k])])
+        for i, f in enumerate(findings):
+            pos = torch.stack([self._class_vector(self._fill(ZERO_SHOT_POSITIVE, f, REGION_NAMES[k])) for k in idx])
+            neg = torch.stack([self._class_vector(self._fill(ZERO_SHOT_NEGATIVE, f, REGION_NAMES[k])) for k in idx])
+            r = regions[idx]
+            logits = scale * torch.stack([(r * pos).sum(-1), (r * neg).sum(-1)], -1)
+            out[i] = torch.softmax(logits, -1)[:, 0].numpy()
+        return out
+
+    @torch.no_grad()
+    def image_probs(self, image: torch.Tensor, findings: Sequence[str]) -> np.ndarray:
+        """``(F,)`` image-level probabilities of each finding text; ``image`` is ``(J,)``."""
+        scale = float(self.aligner.scale)
+        self.text.encode([t for f in findings for t in self._fill(IMAGE_POSITIVE + IMAGE_NEGATIVE, f)])
+        out = np.zeros(len(findings), np.float32)
+        for i, f in enumerate(findings):
+            pos = self._class_vector(self._fill(IMAGE_POSITIVE, f))
+            neg = self._class_vector(self._fill(IMAGE_NEGATIVE, f))
+            out[i] = float(torch.softmax(scale * torch.stack([image @ pos, image @ neg]), 0)[0])
+        return out
+
+    @torch.no_grad()
+    def ground(self, regions: torch.Tensor, sentence: str) -> np.ndarray:
+        """``(K,)`` probability that ``sentence`` refers to each region (softmax over the image's regions)."""
+        t = self.embed([sentence])[0]
+        return torch.softmax(float(self.aligner.scale) * (regions @ t), 0).numpy()
+
+
+def _allowed(f: str) -> list[int]:
+    return [REGION_NAMES.index(n) for n in _finding(f).regions]
+
+
+def evaluate_zero_shot(model, text_encoder, feats: dict[str, torch.Tensor], records: Sequence[dict],
+                       wordings: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """Zero-shot AUCs and grounding accuracy on images with ground truth.
+
+    Args:
+        model: ``AnatomyVLM`` with a trained aligner.
+        text_encoder: Its text encoder.
+        feats: :func:`anatomy_vlm.alignment.precompute` output for the images.
+        records: Per image ``{"region_findings": {region: [finding]}, "image_findings": [...],
+            "report_sentences": [{"text", "finding", "regions", "negated"}]}`` (the demo manifest's).
+        wordings: ``{"name": {finding: prompt text}}`` prompt sets to score (default: the canonical
+            finding names and :data:`PARAPHRASES`).
+
+    Returns:
+        ``{"n_images", "<name>": {"region_auc_macro", "image_auc_macro", "region_auc": {f: auc},
+        "image_auc": {f: auc}, "prompts": {f: text}}, "grounding": {"n_sentences", "top1_correct"}}``;
+        region AUCs are over the (image, region) pairs where ``knowledge`` says the finding can be seen.
+    """
+    al = model.aligner
+    scorer = ZeroShotScorer(al, text_encoder)
+    with torch.no_grad():
+        out = al(feats["pooled"].float(), feats["tokens"].float(), feats["global"].float())
+    wordings = wordings or {"canonical": {f: f for f in FINDING_NAMES}, "paraphrased": dict(PARAPHRASES)}
+    res: dict[str, Any] = {"n_images": len(records)}
+    for name, prompts in wordings.items():
+        fs = list(prompts)
+        texts = [prompts[f] for f in fs]
+        reg_scores = [scorer.region_probs(out.regions[i], texts) for i in range(len(records))]  # (F, K) each
+        img_scores = np.stack([scorer.image_probs(out.image[i], texts) for i in range(len(records))])  # (N, F)
+        r_auc, i_auc = {}, {}
+        for j, f in enumerate(fs):
+            ks = _allowed(f)
+            s, y = [], []
+            for i, rec in enumerate(records):
+                rf = rec.get("region_findings", {})
+                for k in ks:
+                    s.append(float(reg_scores[i][j, k]))
+                    y.append(f in rf.get(REGION_NAMES[k], []))
+            r_auc[f] = roc_auc(s, y)
+            i_auc[f] = roc_auc(img_scores[:, j], [f in rec.get("image_findings", []) for rec in records])
+        valid_r = [v for v in r_auc.values() if v is not None]
+        valid_i = [v for v in i_auc.values() if v is not None]
+        res[name] = {"region_auc_macro": float(np.mean(valid_r)) if valid_r else None,
+                     "image_auc_macro": float(np.mean(valid_i)) if valid_i else None,
+                     "region_auc": r_auc, "image_auc": i_auc, "prompts": prompts}
+    n = hit = 0
+    for i, rec in enumerate(records):
+        rf = rec.get("region_findings", {})
+        for s in rec.get("report_sentences", []):
+            if s.get("negated") or not s.get("finding"):
+                continue
+            correct = {REGION_NAMES.index(r) for r in s.get("regions", [])}
+            correct |= {REGION_NAMES.index(r) for r, fl in rf.items() if s["finding"] in fl}
+            if not correct:
+                continue
+            p = scorer.ground(out.regions[i], s["text"])
+            n += 1
+            hit += int(int(np.argmax(p)) in correct)
+    res["grounding"] = {"n_sentences": n, "top1_correct": (hit / n) if n else None}
+    return res

@@ -1,0 +1,135 @@
+"""The language stage: report pairs, calibrated InfoNCE, grounding loss, region pooling, knowledge enrichment."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anatomy_vlm.alignment import NORMAL, report_pairs
+from anatomy_vlm.anatomy import NUM_REGIONS, REGION_NAMES
+from anatomy_vlm.knowledge import knowledge_texts, region_knowledge_text
+from anatomy_vlm.losses import calibrated_infonce, grounding_loss
+from anatomy_vlm.model import build_model, resolve_config
+from anatomy_vlm.model.aligner import RegionAligner, pool_regions
+
+IDX = {n: i for i, n in enumerate(REGION_NAMES)}
+
+
+def test_report_pairs_positive_sentence_pairs_region_and_parent():
+    p = report_pairs("There is consolidation in the right lower lung zone. No pneumothorax.")
+    assert p.findings == ("consolidation",)
+    pos = {(k, c) for k, _, c in p.regions if c != NORMAL}
+    assert (IDX["right lower lung zone"], "consolidation") in pos
+    assert (IDX["right lung"], "consolidation") in pos  # the zone's parent
+    assert p.ground and set(p.ground[0][1]) == {IDX["right lower lung zone"], IDX["right lung"]}
+
+
+def test_report_pairs_normals_avoid_positive_regions_and_are_capped():
+    p = report_pairs("There is consolidation in the right lower lung zone. The lungs are clear elsewhere. "
+                     "No pneumothorax.", normal_per_image=5)
+    normals = [(k, t) for k, t, c in p.regions if c == NORMAL]
+    assert 0 < len(normals) <= 5
+    assert all(k not in (IDX["right lower lung zone"], IDX["right lung"]) for k, _ in normals)
+    # pneumothorax can only be seen in lung regions
+    assert all("lung" in REGION_NAMES[k] or "apical" in REGION_NAMES[k] for k, _ in normals)
+
+
+def test_report_pairs_empty_report():
+    p = report_pairs("")
+    assert p.findings == () and p.regions == [] and p.ground == []
+
+
+def test_calibrated_infonce_ignores_same_group_pairs():
+    torch.manual_seed(0)
+    x = F.normalize(torch.randn(4, 8), dim=-1)
+    y = x.clone()
+    y[1] = x[0]  # pair 1's text is identical to pair 0's: a false negative unless calibrated
+    groups_same = torch.tensor([0, 0, 1, 2])
+    groups_diff = torch.tensor([0, 1, 2, 3])
+    l_cal = calibrated_infonce(x, y, groups_same, 10.0)
+    l_raw = calibrated_infonce(x, y, groups_diff, 10.0)
+    assert l_cal < l_raw
+    # one group only: nothing to contrast -> zero
+    assert float(calibrated_infonce(x, y, torch.zeros(4, dtype=torch.long), 10.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_calibrated_infonce_matches_clip_when_all_groups_differ():
+    torch.manual_seed(1)
+    x = F.normalize(torch.randn(5, 8), dim=-1)
+    y = F.normalize(torch.randn(5, 8), dim=-1)
+    logits = 7.0 * x @ y.t()
+    t = torch.arange(5)
+    clip = 0.5 * (F.cross_entropy(logits, t) + F.cross_entropy(logits.t(), t))
+    assert float(calibrated_infonce(x, y, torch.arange(5), 7.0)) == pytest.approx(float(clip), rel=1e-5)
+
+
+def test_grounding_loss_prefers_the_named_region():
+    regions = F.normalize(torch.eye(NUM_REGIONS, 32)[None].repeat(2, 1, 1), dim=-1)
+    s = regions[0, 3:4].clone()
+    pos_right = torch.zeros(1, NUM_REGIONS, dtype=torch.bool)
+    pos_right[0, 3] = True
+    pos_wrong = torch.zeros(1, NUM_REGIONS, dtype=torch.bool)
+    pos_wrong[0, 5] = True
+    idx = torch.tensor([1])
+    assert grounding_loss(regions, s, idx, pos_right, 10.0) < grounding_loss(regions, s, idx, pos_wrong, 10.0)
+
+
+def test_pool_regions_mean_and_max_inside_the_mask():
+    emb = torch.zeros(1, 2, 64, 64)
+    emb[0, 0, 10:20, 10:20] = 1.0
+    emb[0, 1, 12, 12] = 5.0
+    logits = torch.full((1, 2, 256, 256), -20.0)
+    logits[0, 0, 40:80, 40:80] = 20.0   # covers embedding cells 10..19
+    logits[0, 1, 200:240, 200:240] = 20.0
+    p = pool_regions(emb, logits)
+    assert p.shape == (1, 2, 4)
+    assert p[0, 0, 0] == pytest.approx(1.0, abs=1e-3)   # mean of channel 0 inside region 0
+    assert p[0, 0, 3] == pytest.approx(5.0, abs=1e-3)   # max of channel 1 inside region 0
+    assert p[0, 1, 0] == pytest.approx(0.0, abs=1e-3) and p[0, 1, 3] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_knowledge_texts_come_from_registry_and_knowledge():
+    t = knowledge_texts()
+    assert len(t) == NUM_REGIONS
+    assert "upper third of the right lung" in region_knowledge_text("right upper lung zone")
+    assert "consolidation" in region_knowledge_text("right upper lung zone")
+    assert "No finding" in region_knowledge_text("spine")
+
+
+def test_knowledge_enrichment_changes_the_region_embedding():
+    """Swapping two regions' knowledge rows swaps what the MLP is told: their embeddings change."""
+    torch.manual_seed(0)
+    know = F.normalize(torch.randn(NUM_REGIONS, 384), dim=-1)
+    al = RegionAligner(in_channels=8, token_dim=16, knowledge=know, dropout=0.0).eval()
+    pooled = torch.randn(1, NUM_REGIONS, 16)
+    tokens = torch.randn(1, NUM_REGIONS, 16)
+    # same visual input for regions 0 and 1
+    pooled[0, 1], tokens[0, 1] = pooled[0, 0], tokens[0, 0]
+    with torch.no_grad():
+        a = al(pooled, tokens, None).regions
+        assert not torch.allclose(a[0, 0], a[0, 1])  # only their knowledge differs
+        swapped = know.clone()
+        swapped[[0, 1]] = know[[1, 0]]
+        al.set_knowledge(swapped)
+        b = al(pooled, tokens, None).regions
+    torch.testing.assert_close(b[0, 0], a[0, 1])
+    torch.testing.assert_close(b[0, 1], a[0, 0])
+    assert torch.allclose(a.norm(dim=-1), torch.ones(1, NUM_REGIONS))
+    with pytest.raises(ValueError, match="knowledge must be"):
+        al.set_knowledge(torch.zeros(3, 384))
+
+
+def test_aligner_config_needs_masks_and_builds():
+    with pytest.raises(ValueError, match="aligner.enabled needs mask_head.enabled"):
+        resolve_config({"aligner": {"enabled": True}, "mask_head": {"enabled": False}})
+    m = build_model({"aligner": {"enabled": True, "joint_dim": 32, "hidden": 64},
+                     "mask_head": {"kind": "dense", "widths": [16, 16, 16], "fine": [8, 8]},
+                     "decoder": {"d_model": 32, "num_heads": 2, "dim_feedforward": 64, "embed_dim": 16},
+                     "box_refiner": {"enabled": False}}).eval()
+    with torch.no_grad():
+        out = m(images=torch.rand(2, 3, 256, 256), embeddings=torch.randn(2, 256, 64, 64), with_masks=True)
+    assert out.aligned_regions.shape == (2, NUM_REGIONS, 32) and out.aligned_image.shape == (2, 32)
+    assert math.isclose(float(out.aligned_image[0].norm()), 1.0, rel_tol=1e-5)
