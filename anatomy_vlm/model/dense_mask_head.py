@@ -156,25 +156,31 @@ def clean_logits(logits: torch.Tensor, keep_fraction: float = 0.2, margin: int =
     Each region is one piece of anatomy, so its mask (``logits > 0``) keeps its largest connected
     part and any part at least ``keep_fraction`` of that size; elsewhere, beyond ``margin`` pixels of
     what is kept, the logits are capped below zero. A stray blob would otherwise stretch the box.
+    Regions whose mask is one piece (the usual case) are returned unchanged.
     """
     from scipy import ndimage
 
     pos = (logits > 0).cpu().numpy()
-    keep = np.zeros_like(pos)
+    rows, keeps = [], []
     for k in range(pos.shape[0]):
         lab, n = ndimage.label(pos[k])
-        if n == 0:
+        if n <= 1:
             continue
-        if n == 1:
-            keep[k] = lab > 0
-        else:
-            sizes = ndimage.sum(pos[k], lab, index=np.arange(1, n + 1))
-            ok = np.flatnonzero(sizes >= keep_fraction * sizes.max()) + 1
-            keep[k] = np.isin(lab, ok)
-        if margin:
-            keep[k] = ndimage.binary_dilation(keep[k], iterations=margin)
-    keep_t = torch.from_numpy(keep).to(logits.device)
-    return torch.where(keep_t, logits, torch.minimum(logits, torch.full_like(logits, -0.01)))
+        sizes = ndimage.sum(pos[k], lab, index=np.arange(1, n + 1))
+        ok = np.flatnonzero(sizes >= keep_fraction * sizes.max()) + 1
+        if len(ok) == n:
+            continue
+        rows.append(k)
+        keeps.append(np.isin(lab, ok))
+    if not rows:
+        return logits
+    keep = torch.from_numpy(np.stack(keeps)).to(logits.device, torch.float32)[:, None]
+    if margin:
+        keep = F.max_pool2d(keep, 2 * margin + 1, stride=1, padding=margin)
+    out = logits.clone()
+    sel = out[rows]
+    out[rows] = torch.where(keep[:, 0] > 0, sel, torch.minimum(sel, torch.full_like(sel, -0.01)))
+    return out
 
 
 def boxes_from_logits(logits: torch.Tensor, resized_size: tuple[int, int], original_size: tuple[int, int]
