@@ -178,6 +178,8 @@ class Predictor:
         self.cache = EmbeddingCache(cache_dir, tag, memory_items=memory_items)
         self._encode = None  # built on the first encode: ONNX Runtime when it works, else PyTorch
         self.encoder_backend = "not loaded"
+        self._fast_head = None  # the dense mask head, likewise (built on first use)
+        self.mask_head_backend = "not loaded"
         self.mask_chunk = max(1, int(mask_chunk))
         self.refine_steps = int(refine_steps)
         self.encoder_calls = 0
@@ -275,6 +277,25 @@ class Predictor:
             self.encoder_backend = "pytorch" if self._encode is self.model.encoder else "onnxruntime"
         return self._encode
 
+    def _dense_head(self, emb: torch.Tensor):
+        """The dense mask head as a callable ``(embeddings, images) -> logits``: ONNX Runtime (exported
+        once per head weights into the cache folder, checked against PyTorch) or the module itself."""
+        if self._fast_head is None:
+            with self._encoder_lock:
+                if self._fast_head is None:
+                    from .cache import module_digest
+                    from .model.onnx_encoder import fast_module
+
+                    head = self.model.mask_head
+                    g = torch.Generator().manual_seed(0)
+                    S = self.model.input_size
+                    ex = (torch.randn(1, *emb.shape, generator=g), torch.rand(1, 3, S, S, generator=g))
+                    root = self.cache.root.parent if self.cache.root else None
+                    self._fast_head = fast_module(head, ex, ("embedding", "image"), root,
+                                                  f"{type(head).__name__}-{module_digest(head)}", tolerance=1e-2)
+                    self.mask_head_backend = "pytorch" if self._fast_head is head else "onnxruntime"
+        return self._fast_head
+
     def _remembered_input(self, digest: str) -> torch.Tensor | None:
         with self._inputs_lock:
             g = self._inputs.get(digest)
@@ -312,8 +333,12 @@ class Predictor:
         with torch.no_grad():
             # All 29 masks in one call even for a subset: the query mask head computes its per-pixel
             # features once per image and pairs region embeddings with boxes by position.
-            out = self.model(images=x[None] if need_image else None, embeddings=emb[None], with_masks=run_masks,
-                             refine_steps=self.refine_steps if run_masks else 0)
+            if dense:  # the head through ONNX Runtime when it works (see _dense_head)
+                out = self.model(images=x[None], embeddings=emb[None], with_masks=False)
+                out.masks = self._dense_head(emb)(emb[None], x[None])
+            else:
+                out = self.model(images=x[None] if need_image else None, embeddings=emb[None], with_masks=run_masks,
+                                 refine_steps=self.refine_steps if run_masks else 0)
             boxes_in = out.boxes_xyxy[0].float() * S  # (Q, 4) input-frame pixel edges
             scores = out.scores[0].float().numpy()
             all_logits = out.masks[0] if run_masks else None

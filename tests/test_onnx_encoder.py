@@ -48,3 +48,26 @@ def test_fallbacks_to_pytorch(encoder, tmp_path, monkeypatch):
     trainable = LiteMedSAMEncoder(pretrained=False, trainable_blocks=1)
     assert fast_encoder(trainable, tmp_path, "trainable") is trainable
     assert not (tmp_path / "onnx" / "trainable.onnx").exists()
+
+
+def test_dense_mask_head_through_onnx_matches_pytorch_and_falls_back(tmp_path, monkeypatch):
+    from anatomy_vlm.model.dense_mask_head import DenseMaskHead
+    from anatomy_vlm.model.onnx_encoder import OnnxModule, fast_module
+
+    torch.manual_seed(0)
+    head = DenseMaskHead(widths=(16, 16, 16), fine=(8, 8)).eval()
+    head.requires_grad_(False)
+    ex = (torch.randn(1, 256, 64, 64), torch.rand(1, 3, 256, 256))
+    fast = fast_module(head, ex, ("embedding", "image"), tmp_path, "head-test")
+    assert isinstance(fast, OnnxModule)
+    e, x = torch.randn(2, 256, 64, 64), torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        ref = head(e, x)
+    out = fast(e, x)
+    assert out.shape == ref.shape == (2, 29, 256, 256)
+    assert float((out - ref).abs().max()) < 1e-3
+    monkeypatch.setenv("ANATOMY_VLM_ENCODER_BACKEND", "torch")
+    assert fast_module(head, ex, ("embedding", "image"), tmp_path, "head-off") is head
+    monkeypatch.delenv("ANATOMY_VLM_ENCODER_BACKEND")
+    head.requires_grad_(True)  # trainable: never exported
+    assert fast_module(head, ex, ("embedding", "image"), tmp_path, "head-train") is head

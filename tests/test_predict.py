@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from anatomy_vlm.anatomy import NUM_REGIONS, REGION_NAMES, REGIONS
 from anatomy_vlm.io import Radiograph, read_image, write_png
@@ -248,3 +249,36 @@ def test_cli_predict_json_and_missing_checkpoint(full, images, tiny_checkpoint, 
     assert [r["name"] for r in doc["regions"]] == ["trachea", "carina"]
     np.testing.assert_allclose(doc["regions"][0]["box"], full.decoder_boxes[REGION_NAMES.index("trachea")],
                                atol=0.01)
+
+
+def test_dense_head_checkpoint_serves_mask_boxes_through_onnx_like_pytorch(images, cache_dir, tmp_path, monkeypatch):
+    """A dense-head model: detection boxes are its masks' boxes; ONNX Runtime and PyTorch agree."""
+    from anatomy_vlm.checkpoint import save_checkpoint
+    from anatomy_vlm.model import build_model
+    from anatomy_vlm.predict import Predictor
+
+    torch.manual_seed(0)
+    cfg = dict(TINY, mask_head={"kind": "dense", "widths": [16, 16, 16], "fine": [8, 8]},
+               box_refiner={"enabled": False})
+    model = build_model(cfg)
+    with torch.no_grad():  # make the random head's masks non-empty
+        model.mask_head.out.bias.fill_(0.5)
+    path = save_checkpoint(tmp_path / "dense.pt", model, {"data": "none (random weights, contract test)"})
+    fast = Predictor.from_checkpoint(path, cache_dir=cache_dir)
+    det = fast.predict(images["a"])
+    assert fast.mask_head_backend == "onnxruntime"
+    assert set(det.box_source) == {"mask"} and det.masks is None
+    seg = fast.predict(images["a"], with_masks=True)
+    np.testing.assert_allclose(det.boxes, seg.boxes)
+    # masks' bounding boxes on the original grid agree with the served boxes (within the profile shortcut)
+    from anatomy_vlm.model.query_mask_head import mask_boxes
+
+    mb = mask_boxes(torch.from_numpy(seg.masks)).numpy()
+    ok = mb[:, 2] > mb[:, 0]
+    np.testing.assert_allclose(seg.boxes[ok], mb[ok], atol=2.0)
+    monkeypatch.setenv("ANATOMY_VLM_ENCODER_BACKEND", "torch")
+    eager = Predictor.from_checkpoint(path, cache_dir=cache_dir)
+    ref = eager.predict(images["a"])
+    assert eager.mask_head_backend == "pytorch"
+    np.testing.assert_allclose(det.boxes, ref.boxes, atol=1.0)
+    np.testing.assert_allclose(det.scores, ref.scores, atol=1e-3)
