@@ -281,8 +281,8 @@ def jitter_images(images: torch.Tensor, cfg: dict, gen: torch.Generator) -> torc
     return torch.where(content, out, torch.zeros_like(out))
 
 
-def _feature_affine(emb: torch.Tensor, images: torch.Tensor, tgt: dict, fa: dict, gen: torch.Generator,
-                    size: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _feature_affine(emb: torch.Tensor, images: torch.Tensor, tgt: dict, fa: dict, gen: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Warp a batch's embeddings, images and masks alike; boxes and presence follow the warped masks."""
     from .model.dense_mask_head import affine_augment
     from .model.boxes import box_xyxy_to_cxcywh
@@ -291,7 +291,7 @@ def _feature_affine(emb: torch.Tensor, images: torch.Tensor, tgt: dict, fa: dict
                                         scale=float(fa.get("scale", 0.12)), shift=float(fa.get("shift", 0.06)))
     m = masks > 0.5
     present = m.flatten(2).any(-1)
-    boxes = box_xyxy_to_cxcywh(mask_boxes(m).float() * (size / m.shape[-1]) / size)
+    boxes = box_xyxy_to_cxcywh(mask_boxes(m).float() / m.shape[-1])  # normalised to the square frame
     tgt = dict(tgt, masks=masks, boxes=torch.where(present[..., None], boxes, torch.zeros_like(boxes)),
                present=present & tgt["present"])
     return emb, images, tgt
@@ -396,7 +396,7 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
             emb = emb_all[idx].float() if emb_all is not None else None
             fa = tc.get("feature_affine")
             if fa and emb is not None and "masks" in tgt and float(torch.rand(1, generator=gen)) < fa.get("prob", 1.0):
-                emb, images, tgt = _feature_affine(emb, images, tgt, fa, gen, model.input_size)
+                emb, images, tgt = _feature_affine(emb, images, tgt, fa, gen)
             if tc.get("image_jitter"):
                 images = jitter_images(images, tc["image_jitter"], gen)
             emb = emb.to(device) if emb is not None else None
@@ -446,14 +446,12 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
                 tqdm.write(json.dumps(rec), file=sys.stderr)
     result = {"best": best, "seconds": round(time.time() - t0, 1), "checkpoint": oc["checkpoint"]}
     if rank == 0 and ac.get("enabled"):
-        if tc["epochs"] > start_epoch or best is not None:  # continue from the best detection weights
-            from .checkpoint import read_checkpoint
+        from .checkpoint import read_checkpoint
 
+        if tc["epochs"] > start_epoch or best is not None:  # continue from the best detection weights
             model.load_state_dict(read_checkpoint(oc["checkpoint"])["state_dict"], strict=False)
         meta = dict(meta_base, metrics={"val": best} if best else {}, train_seconds=round(time.time() - t0, 1))
         if init and not best:
-            from .checkpoint import read_checkpoint
-
             meta = dict(read_checkpoint(init)["meta"], command=command, config=config)
         summary = _align_stage(model, config, train_data, emb_all, val_data, show, log)
         meta.setdefault("metrics", {})
@@ -471,14 +469,11 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
 
 def _attach_aligner(model) -> None:
     """Give a model an (untrained) aligner when it has none, and record it in its config."""
-    from .model import RegionAligner, resolve_config
+    from .model import build_aligner, resolve_config
 
     cfg = resolve_config(dict(model.config or {}, aligner=dict((model.config or {}).get("aligner") or {}, enabled=True)))
     if model.aligner is None:
-        a = cfg["aligner"]
-        model.aligner = RegionAligner(int(model.encoder.out_channels), cfg["decoder"]["embed_dim"],
-                                      text_dim=a["text_dim"], joint_dim=a["joint_dim"], hidden=a["hidden"],
-                                      dropout=float(a["dropout"]))
+        model.aligner = build_aligner(cfg, int(model.encoder.out_channels))
     model.config = cfg
 
 

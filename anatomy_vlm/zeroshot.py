@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .anatomy import NUM_REGIONS, REGION_NAMES
+from .anatomy import REGION_NAMES
 from .knowledge import (FINDING_NAMES, IMAGE_NEGATIVE, IMAGE_POSITIVE, ZERO_SHOT_NEGATIVE, ZERO_SHOT_POSITIVE,
                         finding as _finding)
 

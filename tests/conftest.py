@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "anatomy_vlm"
@@ -37,3 +38,12 @@ def demo_studies(tmp_path_factory) -> DemoStudies:
 
     build_demo(root, n=6, seed=0, size=128, progress=False)
     return DemoStudies(root=root, studies=root / "studies")
+
+
+@pytest.fixture(scope="module")
+def two_torch_threads():
+    """Two torch threads for a test module (the CI machine's cores), restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)

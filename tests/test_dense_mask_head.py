@@ -19,13 +19,7 @@ from anatomy_vlm.model.dense_mask_head import (
 )
 from anatomy_vlm.model.query_mask_head import mask_boxes
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 def test_head_gives_one_mask_per_region_in_the_input_frame():

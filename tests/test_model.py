@@ -32,17 +32,11 @@ from anatomy_vlm.model import (
 )
 from anatomy_vlm.model.encoder import litemedsam_checkpoint_path
 
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
+
 TINY_DECODER = {"d_model": 32, "num_layers": 2, "num_heads": 2, "dim_feedforward": 64, "dropout": 0.0,
                 "embed_dim": 16, "global_embedding": True, "feature_pool": 2, "aux_outputs": True}
 TINY_VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,7 @@ __all__ = [
     "ViTEncoder",
     "box_cxcywh_to_xyxy",
     "box_xyxy_to_cxcywh",
+    "build_aligner",
     "build_model",
     "letterbox",
     "preprocess_radiograph",
@@ -300,6 +301,14 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     return {"encoder": enc, "decoder": dec, "mask_head": mh, "box_refiner": br, "aligner": al}
 
 
+def build_aligner(cfg: Mapping[str, Any], in_channels: int) -> RegionAligner:
+    """An untrained :class:`RegionAligner` for a resolved model config (:func:`resolve_config`) and an
+    encoder with ``in_channels`` output channels (its knowledge buffer is set in training)."""
+    a = cfg["aligner"]
+    return RegionAligner(int(in_channels), cfg["decoder"]["embed_dim"], text_dim=a["text_dim"],
+                         joint_dim=a["joint_dim"], hidden=a["hidden"], dropout=float(a["dropout"]))
+
+
 def build_model(config: Mapping[str, Any] | None = None) -> AnatomyVLM:
     """Build :class:`AnatomyVLM` from a plain (JSON/YAML) config; missing keys take the defaults.
 
@@ -411,11 +420,7 @@ def build_model(config: Mapping[str, Any] | None = None) -> AnatomyVLM:
         refiner = BoxRefiner(int(encoder.out_channels), dec_cfg["embed_dim"], stages=br_cfg["stages"],
                              channels=br_cfg["channels"], roi_size=br_cfg["roi_size"], hidden=br_cfg["hidden"],
                              context=ctx, image_roi=br_cfg["image_roi"], min_context=float(br_cfg["min_context"]))
-    al_cfg = cfg["aligner"]
-    aligner = None
-    if al_cfg["enabled"]:
-        aligner = RegionAligner(int(encoder.out_channels), dec_cfg["embed_dim"], text_dim=al_cfg["text_dim"],
-                                joint_dim=al_cfg["joint_dim"], hidden=al_cfg["hidden"], dropout=float(al_cfg["dropout"]))
+    aligner = build_aligner(cfg, int(encoder.out_channels)) if cfg["aligner"]["enabled"] else None
     model = AnatomyVLM(encoder, decoder, mask_head, refiner, aligner)
     model.config = cfg
     return model

@@ -37,59 +37,6 @@ __all__ = ["OnnxEncoder", "OnnxModule", "fast_encoder", "fast_module"]
 _TOLERANCE = 1e-3  # max abs difference to PyTorch accepted (embeddings are O(1); measured ~3e-6)
 
 
-class OnnxEncoder:
-    """Callable ``(B, 3, S, S)`` float tensor -> ``(B, C, h, w)`` float tensor, through ONNX Runtime.
-
-    Args:
-        encoder: The frozen PyTorch encoder (exposes ``input_size``); kept for the export only.
-        path: Where the ``.onnx`` file is (exported there if missing).
-        threads: ONNX Runtime intra-op threads (default: ``torch.get_num_threads()``).
-    """
-
-    def __init__(self, encoder: torch.nn.Module, path: str | os.PathLike, threads: int | None = None):
-        import onnxruntime as ort
-
-        self.path = Path(path)
-        self.input_size = int(getattr(encoder, "input_size", 256))
-        if not self.path.is_file():
-            self._export(encoder, self.path, self.input_size)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = int(threads or torch.get_num_threads())
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see OnnxModule
-        self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
-        self._input = self.session.get_inputs()[0].name
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _export(encoder: torch.nn.Module, path: Path, size: int) -> None:
-        import warnings
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        was_training = encoder.training
-        encoder.eval()
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(encoder, (torch.rand(1, 3, size, size),), str(tmp), input_names=["image"],
-                                  output_names=["embedding"], opset_version=17, dynamo=False)
-            os.replace(tmp, path)
-        finally:
-            encoder.train(was_training)
-            if tmp.exists():
-                tmp.unlink()
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.detach().float().cpu().numpy()
-        outs = []
-        with self._lock:  # one run at a time: the session already uses every thread it was given
-            for i in range(x.shape[0]):  # exported with batch 1
-                outs.append(self.session.run(None, {self._input: np.ascontiguousarray(x[i:i + 1])})[0])
-        return torch.from_numpy(np.concatenate(outs, 0))
-
-
 class OnnxModule:
     """Callable ``(*tensors) -> tensor`` for a frozen module with fixed-size inputs, through ONNX Runtime.
 
@@ -104,25 +51,11 @@ class OnnxModule:
     def __init__(self, module: torch.nn.Module, path: str | os.PathLike, example_inputs: tuple[torch.Tensor, ...],
                  input_names: tuple[str, ...], threads: int | None = None):
         import onnxruntime as ort
-        import warnings
 
         self.path = Path(path)
         self.input_names = tuple(input_names)
         if not self.path.is_file():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            was_training = module.training
-            module.eval()
-            try:
-                with torch.no_grad(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    torch.onnx.export(module, tuple(example_inputs), str(tmp), input_names=list(self.input_names),
-                                      output_names=["output"], opset_version=17, dynamo=False)
-                os.replace(tmp, self.path)
-            finally:
-                module.train(was_training)
-                if tmp.exists():
-                    tmp.unlink()
+            self._export(module, self.path, tuple(example_inputs), self.input_names)
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(threads or torch.get_num_threads())
         so.inter_op_num_threads = 1
@@ -132,21 +65,59 @@ class OnnxModule:
         self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _export(module: torch.nn.Module, path: Path, example_inputs: tuple[torch.Tensor, ...],
+                input_names: tuple[str, ...]) -> None:
+        import warnings
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(module, example_inputs, str(tmp), input_names=list(input_names),
+                                  output_names=["output"], opset_version=17, dynamo=False)
+            os.replace(tmp, path)
+        finally:
+            module.train(was_training)
+            if tmp.exists():
+                tmp.unlink()
+
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         arrays = [x.detach().float().cpu().numpy() for x in inputs]
         outs = []
-        with self._lock:
+        with self._lock:  # one run at a time: the session already uses every thread it was given
             for i in range(arrays[0].shape[0]):  # exported with batch 1
                 feed = {n: np.ascontiguousarray(a[i:i + 1]) for n, a in zip(self.input_names, arrays)}
                 outs.append(self.session.run(None, feed)[0])
         return torch.from_numpy(np.concatenate(outs, 0))
 
 
+class OnnxEncoder(OnnxModule):
+    """Callable ``(B, 3, S, S)`` float tensor -> ``(B, C, h, w)`` float tensor, through ONNX Runtime.
+
+    Args:
+        encoder: The frozen PyTorch encoder (exposes ``input_size``); kept for the export only.
+        path: Where the ``.onnx`` file is (exported there if missing).
+        threads: ONNX Runtime intra-op threads (default: ``torch.get_num_threads()``).
+    """
+
+    def __init__(self, encoder: torch.nn.Module, path: str | os.PathLike, threads: int | None = None):
+        self.input_size = int(getattr(encoder, "input_size", 256))
+        size = self.input_size
+        super().__init__(encoder, path, (torch.rand(1, 3, size, size),), ("image",), threads)
+
+
 def fast_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], input_names: tuple[str, ...],
-                cache_root: str | os.PathLike | None, tag: str, tolerance: float = _TOLERANCE):
+                cache_root: str | os.PathLike | None, tag: str, tolerance: float = _TOLERANCE, factory=None):
     """:class:`OnnxModule` for a frozen ``module`` when onnxruntime works and agrees with PyTorch on
     ``example_inputs`` (max abs difference <= ``tolerance``), otherwise ``module`` itself; never raises.
-    ``ANATOMY_VLM_ENCODER_BACKEND=torch`` switches it off. The export is ``<cache_root>/onnx/<tag>.onnx``."""
+    ``ANATOMY_VLM_ENCODER_BACKEND=torch`` switches it off. The export is ``<cache_root>/onnx/<tag>.onnx``
+    (``None``: the default cache, ``$ANATOMY_VLM_CACHE`` or ``~/.cache/anatomy_vlm``). ``factory(module,
+    path)`` builds the ONNX callable instead of :class:`OnnxModule` (e.g. :class:`OnnxEncoder`)."""
+    name = type(module).__name__
     if os.environ.get("ANATOMY_VLM_ENCODER_BACKEND", "auto").lower() == "torch":
         return module
     if any(p.requires_grad for p in module.parameters()):
@@ -154,6 +125,7 @@ def fast_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
+        logger.info(f"onnxruntime is not installed: {name} runs in PyTorch")
         return module
     if cache_root:
         root = Path(cache_root)
@@ -163,7 +135,7 @@ def fast_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...
         root = default_cache_dir().parent
     path = root / "onnx" / f"{tag}.onnx"
     try:
-        fast = OnnxModule(module, path, example_inputs, input_names)
+        fast = factory(module, path) if factory else OnnxModule(module, path, example_inputs, input_names)
         with torch.no_grad():
             was_training = module.training
             module.eval()
@@ -173,13 +145,13 @@ def fast_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...
         if not diff <= tolerance:
             raise RuntimeError(f"ONNX Runtime output differs from PyTorch by {diff:.2e}")
     except Exception as e:  # noqa: BLE001 - an accelerator must never stop the module from working
-        logger.warning(f"ONNX Runtime not used for {type(module).__name__} ({e}); it runs in PyTorch")
+        logger.warning(f"ONNX Runtime not used for {name} ({e}); it runs in PyTorch")
         try:
             path.unlink(missing_ok=True)
         except OSError:
             pass
         return module
-    logger.info(f"{type(module).__name__} runs in ONNX Runtime ({path})")
+    logger.info(f"{name} runs in ONNX Runtime ({path})")
     return fast
 
 
@@ -193,37 +165,8 @@ def fast_encoder(encoder: torch.nn.Module | None, cache_root: str | os.PathLike 
             (``$ANATOMY_VLM_CACHE`` or ``~/.cache/anatomy_vlm``).
         tag: The encoder's identity (``embed.encoder_tag``), the file name of the export.
     """
-    if encoder is None or os.environ.get("ANATOMY_VLM_ENCODER_BACKEND", "auto").lower() == "torch":
+    if encoder is None:
         return encoder
-    if any(p.requires_grad for p in encoder.parameters()):
-        return encoder
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        logger.info("onnxruntime is not installed: the encoder runs in PyTorch")
-        return encoder
-    if cache_root:
-        root = Path(cache_root)
-    else:
-        from ..embed import default_cache_dir
-
-        root = default_cache_dir().parent
-    path = root / "onnx" / f"{tag}.onnx"
-    try:
-        fast = OnnxEncoder(encoder, path)
-        size = fast.input_size
-        x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            ref = encoder(x)
-        diff = float((fast(x) - ref).abs().max())
-        if not diff <= _TOLERANCE:
-            raise RuntimeError(f"ONNX Runtime output differs from PyTorch by {diff:.2e}")
-    except Exception as e:  # noqa: BLE001 - an accelerator must never stop the encoder from working
-        logger.warning(f"ONNX Runtime encoder not used ({e}); the encoder runs in PyTorch")
-        try:
-            path.unlink(missing_ok=True)
-        except OSError:
-            pass
-        return encoder
-    logger.info(f"encoder runs in ONNX Runtime ({path})")
-    return fast
+    size = int(getattr(encoder, "input_size", 256))
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return fast_module(encoder, (x,), ("image",), cache_root, tag, factory=OnnxEncoder)
