@@ -31,7 +31,8 @@ class CheckpointFormatError(ValueError):
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict[str, Any] | None = None,
-                    *, include_frozen_encoder: bool = False, extra: dict[str, Any] | None = None) -> Path:
+                    *, include_frozen_encoder: bool = False, extra: dict[str, Any] | None = None,
+                    weights_dtype: str = "float32") -> Path:
     """Write ``model`` (an :class:`~anatomy_vlm.model.AnatomyVLM` built by ``build_model``) atomically.
 
     Args:
@@ -39,7 +40,15 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict[
             be rebuilt from the installed LiteMedSAM weights, so by default they are left out and the
             file stays small).
         extra: Additional top-level entries (e.g. optimizer state for resuming).
+        weights_dtype: ``"float32"`` (default) or ``"float16"``: floating-point weights are stored in
+            half precision (half the file; :func:`load_model` loads them into the float32 model, so
+            inference runs in float32 as before). For shipped checkpoints, not for resuming.
+
+    Raises:
+        ValueError: an unknown ``weights_dtype``.
     """
+    if weights_dtype not in ("float32", "float16"):
+        raise ValueError(f"weights_dtype must be 'float32' or 'float16', got {weights_dtype!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
@@ -47,7 +56,10 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict[
     frozen_encoder = enc is not None and not any(p.requires_grad for p in enc.parameters())
     if frozen_encoder and not include_frozen_encoder:
         state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+    if weights_dtype == "float16":
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     m = dict(meta or {})
+    m["weights_dtype"] = weights_dtype
     m.setdefault("registry", REGISTRY_VERSION)
     m.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     m["encoder_in_file"] = not (frozen_encoder and not include_frozen_encoder)

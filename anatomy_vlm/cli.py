@@ -89,7 +89,12 @@ def _predict(a: argparse.Namespace) -> int:
     except CheckpointFormatError as e:
         raise ValueError(str(e)) from e
     masks = bool(a.masks or a.overlay or a.mask_boxes)
-    pred = predictor.predict(a.image, with_masks=masks, regions=a.regions or None)
+    prompts = None
+    if a.prompt:
+        from .findings import parse_prompts
+
+        prompts = parse_prompts(a.prompt)
+    pred = predictor.predict(a.image, with_masks=masks, regions=a.regions or None, align=bool(prompts))
     if a.overlay:
         import numpy as np
 
@@ -107,7 +112,12 @@ def _predict(a: argparse.Namespace) -> int:
 
         rg = read_image(a.image)
         write_region_masks(pred.masks, a.masks, rg.spacing if rg.spacing_known else None)
-    doc = pred.to_json()
+    if prompts:  # per region every prompt's probability; for the image, the largest over the regions
+        from .findings import region_findings
+
+        doc = region_findings(pred, predictor.language(), prompts, top_k=None)
+    else:
+        doc = pred.to_json()
     if a.json:
         print(json.dumps(doc, indent=1))
     else:
@@ -115,7 +125,10 @@ def _predict(a: argparse.Namespace) -> int:
         print(f"{a.image}: {w}x{h} px, {len(doc['regions'])} regions ({pred.timing['total']:.2f} s)")
         print(f"{'id':>3}  {'region':<26} {'x0':>8} {'y0':>8} {'x1':>8} {'y1':>8} {'score':>6}")
         for r in doc["regions"]:
-            print(f"{r['id']:>3}  {r['name']:<26} " + " ".join(f"{v:8.1f}" for v in r["box"]) + f" {r['score']:6.3f}")
+            print(f"{r['id']:>3}  {r['name']:<26} " + " ".join(f"{v:8.1f}" for v in r["box"]) + f" {r['score']:6.3f}"
+                  + "".join(f"  {f['finding']}={f['score']:.2f}" for f in r.get("findings", [])))
+        for f in doc.get("findings", []):
+            print(f"image: {f['finding']}: {f['score']:.3f} (at the {f['region']})")
     if a.masks:
         print(f"masks ({len(pred.indices)} regions, NIfTI x=col, y=row, k=region) -> {a.masks}", file=sys.stderr)
     return 0
@@ -175,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default="apps/anatomy_vlm/model/anatomy_vlm.pt",
                    help="checkpoint file (default apps/anatomy_vlm/model/anatomy_vlm.pt)")
     e.add_argument("--demo", default="data/demo", help="demo folder holding manifest.json (default data/demo)")
-    e.add_argument("--task", choices=("detection", "segmentation"), default="detection")
+    e.add_argument("--task", choices=("detection", "segmentation", "findings"), default="detection",
+                   help="findings: zero-shot region/image finding AUCs and sentence grounding (language stage)")
     e.add_argument("--split", choices=("train", "val", "test", "all"), default="test")
     e.add_argument("--json", action="store_true", help="print the full result as JSON")
     e.add_argument("--output", help="also write the JSON result to this file")
@@ -197,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--mask-boxes", action="store_true",
                     help="report the masks' bounding boxes instead of the decoder's boxes (also implied by "
                          "--masks/--overlay)")
+    pr.add_argument("--prompt", action="append", metavar="TEXT",
+                    help="a finding text to score per region and for the image (zero-shot; repeat for more); "
+                         "adds \"findings\" to the JSON")
     pr.add_argument("--cache-dir", help="embedding cache folder (default: memory only)")
     pr.add_argument("--no-cache", action="store_true", help=argparse.SUPPRESS)
     pr.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")

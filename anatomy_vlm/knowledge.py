@@ -201,17 +201,10 @@ def knowledge_texts() -> tuple[str, ...]:
     return tuple(region_knowledge_text(n) for n in REGION_NAMES)
 
 
-#: Zero-shot prompt templates. ``{finding}`` is the user's finding text, ``{region}`` a region phrase.
-#: Written for scoring, not copied from the demo report templates (those are what training sees).
-ZERO_SHOT_POSITIVE: tuple[str, ...] = (
-    "{finding} in the {region}.",
-    "Findings of {finding} at the {region}.",
-    "The {region} demonstrates {finding}.",
-)
-ZERO_SHOT_NEGATIVE: tuple[str, ...] = (
-    "No {finding} in the {region}.",
-    "The {region} is normal without {finding}.",
-    "There is no {finding}.",
-)
-IMAGE_POSITIVE: tuple[str, ...] = ("{finding}.", "Chest radiograph showing {finding}.", "Findings of {finding}.")
-IMAGE_NEGATIVE: tuple[str, ...] = ("No {finding}.", "There is no evidence of {finding}.", "Normal chest, no {finding}.")
+#: Zero-shot prompt templates (``{finding}`` is the user's finding text), written for scoring, not
+#: copied from the demo report templates (those are what training sees). They name no region: the
+#: region embeddings carry their region (knowledge enrichment), and region-filled templates ("{finding}
+#: in the {region}.") scored the same on the validation split (region AUC 0.737 vs 0.736) at 29 times
+#: the text-encoder work per new prompt.
+ZERO_SHOT_POSITIVE: tuple[str, ...] = ("{finding}.", "Findings of {finding}.", "There is {finding}.")
+ZERO_SHOT_NEGATIVE: tuple[str, ...] = ("No {finding}.", "There is no {finding}.", "Without {finding}.")

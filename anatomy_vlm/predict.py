@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ImageGeometry", "Prediction", "Predictor", "flat_labelmap", "image_geometry", "resolve_regions",
-    "slicer_roi_markups", "write_flat_labelmap", "write_seg_nrrd", "write_slicer_roi_markups",
+    "slicer_roi_markups", "write_flat_labelmap", "write_image_map", "write_seg_nrrd", "write_slicer_roi_markups",
 ]
 
 def resolve_regions(regions: str | Iterable[str | int] | None) -> list[int]:
@@ -94,6 +94,9 @@ class Prediction:
         box_source: per row ``"mask"`` (bounding box of a non-empty mask) or ``"decoder"``.
         timing: seconds: ``embed`` (encoder or cache), ``decode``, ``masks``, ``total``; ``cached`` whether
             the embedding came from the cache.
+        aligned: With ``predict(..., align=True)``: the language stage's joint-space embeddings of all 29
+            regions and of the image (:class:`~anatomy_vlm.model.aligner.AlignOutput`, batch of one), else
+            ``None``; :mod:`anatomy_vlm.findings` scores findings and sentences against them.
     """
 
     image: str
@@ -105,6 +108,7 @@ class Prediction:
     masks: np.ndarray | None = None
     box_source: tuple[str, ...] = ()
     timing: dict[str, Any] = field(default_factory=dict)
+    aligned: Any = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -123,7 +127,8 @@ class Prediction:
         rows = [self.indices.index(i) for i in want]
         return Prediction(self.image, self.image_shape, tuple(want), self.boxes[rows], self.scores[rows],
                           self.decoder_boxes[rows], None if self.masks is None else self.masks[rows],
-                          tuple(self.box_source[r] for r in rows) if self.box_source else (), dict(self.timing))
+                          tuple(self.box_source[r] for r in rows) if self.box_source else (), dict(self.timing),
+                          self.aligned)
 
     def to_json(self, regions: str | Iterable[str | int] | None = None) -> dict[str, Any]:
         """``{"image", "image_shape": [H, W], "regions": [{"name", "id", "box": [x0, y0, x1, y1], "score",
@@ -184,6 +189,8 @@ class Predictor:
         self.refine_steps = int(refine_steps)
         self.encoder_calls = 0
         self._encoder_lock = threading.Lock()
+        self._scorer = None  # the language stage's zero-shot scorer (built on first use)
+        self._scorer_lock = threading.Lock()
         self._shapes: dict[str, tuple[int, int]] = {}
         self._inputs: OrderedDict[str, torch.Tensor] = OrderedDict()  # letterboxed grey inputs (1, S, S)
         self._inputs_lock = threading.Lock()
@@ -313,19 +320,57 @@ class Predictor:
                 self._inputs.popitem(last=False)
 
     # -- prediction ------------------------------------------------------------------------------------
-    def predict(self, image: str | os.PathLike | Radiograph, with_masks: bool = False,
-                regions: str | Iterable[str | int] | None = None) -> Prediction:
-        """Boxes, scores (and masks) of ``regions`` (default all 29) in original-image pixels.
+    @property
+    def has_language(self) -> bool:
+        """Whether the model carries a trained language stage (aligner with its text encoder recorded)."""
+        al = (getattr(self.model, "config", None) or {}).get("aligner") or {}
+        return getattr(self.model, "aligner", None) is not None and bool(al.get("text_tag"))
+
+    def language(self):
+        """The :class:`~anatomy_vlm.zeroshot.ZeroShotScorer` of this model (text encoder loaded once; text
+        embeddings cached in ``<cache root>/text``).
 
         Raises:
-            ValueError: an unknown region name (message lists the valid ones).
+            ValueError: the model has no trained language stage, or the text encoder found here is not
+                the one the aligner was trained with.
+        """
+        if self._scorer is None:
+            with self._scorer_lock:
+                if self._scorer is None:
+                    from .text import TextEncoder
+                    from .zeroshot import ZeroShotScorer
+
+                    if not self.has_language:
+                        raise ValueError("this checkpoint has no language stage (train it with an `align` "
+                                         "section, see anatomy_vlm.alignment)")
+                    al = self.model.config["aligner"]
+                    root = self.cache.root.parent / "text" if self.cache.root else None
+                    text = TextEncoder(al.get("text_model"), cache_dir=root)
+                    if text.tag != al["text_tag"]:
+                        raise ValueError(f"the aligner was trained with text encoder {al['text_tag']}, but "
+                                         f"{text.tag} was loaded from {text.path}")
+                    self._scorer = ZeroShotScorer(self.model.aligner, text)
+        return self._scorer
+
+    def predict(self, image: str | os.PathLike | Radiograph, with_masks: bool = False,
+                regions: str | Iterable[str | int] | None = None, align: bool = False) -> Prediction:
+        """Boxes, scores (and masks) of ``regions`` (default all 29) in original-image pixels.
+
+        ``align`` also computes the language stage's region and image embeddings (``Prediction.aligned``;
+        a few milliseconds on top).
+
+        Raises:
+            ValueError: an unknown region name (message lists the valid ones); ``align`` without a
+                language stage.
             ImageReadError: the image cannot be read.
         """
         idx = resolve_regions(regions)
+        if align and not self.has_language:
+            raise ValueError("this checkpoint has no language stage (train it with an `align` section)")
         t0 = time.perf_counter()
         # the dense mask head places the served boxes, so it runs for detection too
         dense = bool(getattr(self.model, "boxes_from_masks", False))
-        run_masks = with_masks or dense
+        run_masks = with_masks or dense or align
         need_image = run_masks or getattr(self.model, "boxes_need_image", False)
         emb, box, cached, src, x = self._embedding(image, need_input=need_image)
         t1 = time.perf_counter()
@@ -341,6 +386,12 @@ class Predictor:
                                  refine_steps=self.refine_steps if run_masks else 0)
             boxes_in = out.boxes_xyxy[0].float() * S  # (Q, 4) input-frame pixel edges
             scores = out.scores[0].float().numpy()
+            aligned = None
+            if align:  # pooled inside the raw head masks, as in training (anatomy_vlm.alignment.precompute)
+                from .model.aligner import pool_regions
+
+                aligned = self.model.aligner(pool_regions(emb[None], out.masks), out.region_embeddings,
+                                             out.global_embedding)
             all_logits = out.masks[0] if run_masks else None
             if dense:
                 all_logits = clean_logits(all_logits)
@@ -373,7 +424,7 @@ class Predictor:
         timing = {"embed": round(t1 - t0, 4), "cached": bool(cached), "decode": round(t2 - t1, 4),
                   "masks": round(t3 - t2, 4), "total": round(t3 - t0, 4)}
         return Prediction(src, tuple(box.original_size), tuple(idx), final, scores[idx].astype(np.float32),
-                          dec, masks, tuple(source), timing)
+                          dec, masks, tuple(source), timing, aligned)
 
     # -- background encoding ---------------------------------------------------------------------------
     def prefetch(self, paths: Iterable[str | os.PathLike]) -> int:
@@ -632,10 +683,18 @@ def write_flat_labelmap(pred: Prediction, geometry: ImageGeometry, path: str | o
                         values: Sequence[int] | None = None) -> Path:
     """Write :func:`flat_labelmap` with ITK using ``geometry`` (2D image: ITK index ``[col, row]``, the way
     MONAI Label's ITK writer stores 2D labels), e.g. as ``.nii.gz``."""
+    return write_image_map(flat_labelmap(pred, values), geometry, path)
+
+
+def write_image_map(arr: np.ndarray, geometry: ImageGeometry, path: str | os.PathLike) -> Path:
+    """Write an ``(H, W)`` array on the image grid (a label map, a heatmap) with ITK, placed with
+    ``geometry`` (ITK index ``[col, row]``), e.g. as ``.nii.gz`` or ``.nrrd``."""
     import itk
 
-    arr = flat_labelmap(pred, values)  # (H, W): ITK's array view is [row, col] = index (col, row)
-    img = itk.image_from_array(np.ascontiguousarray(arr))
+    arr = np.asarray(arr)
+    if arr.ndim != 2:
+        raise ValueError(f"an image map is 2D (H, W), got shape {arr.shape}")
+    img = itk.image_from_array(np.ascontiguousarray(arr))  # ITK's array view is [row, col] = index (col, row)
     img.SetSpacing([float(geometry.spacing[0]), float(geometry.spacing[1])])
     img.SetOrigin([float(geometry.origin[0]), float(geometry.origin[1])])
     D = np.asarray(geometry.direction, float)[:2, :2]

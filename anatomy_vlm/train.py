@@ -29,8 +29,14 @@ One config file per run (JSON, or YAML if the file ends in .yaml/.yml); every ke
     the embedding: gamma drawn log-uniformly in ``[1/gamma, gamma]``, Gaussian noise of standard deviation
     up to ``noise``; see :func:`jitter_images`).
 ``output``
-    ``checkpoint`` (the served file, replaced atomically when validation improves) and ``run_dir``
-    (``last.pt`` with optimizer state for ``--resume``, ``log.jsonl``).
+    ``checkpoint`` (the served file, replaced atomically when validation improves), ``run_dir``
+    (``last.pt`` with optimizer state for ``--resume``, ``log.jsonl``) and ``weights_dtype``
+    (``float32``, or ``float16`` to store the served file's weights in half precision: half the size,
+    loaded into the float32 model; ``last.pt`` stays float32).
+``align``
+    The language stage after detection (:data:`anatomy_vlm.alignment.ALIGN_DEFAULTS`; ``enabled``,
+    ``global_epochs``, ``all_epochs``, ...). With ``init_checkpoint`` and ``epochs: 0`` only this stage
+    runs, on the given detection model.
 
 How it trains: with a frozen encoder (``encoder.trainable_blocks: 0``, the default) every image is
 encoded once into the :class:`~anatomy_vlm.cache.EmbeddingCache` and the decoder and mask head
@@ -76,7 +82,8 @@ DEFAULTS: dict[str, Any] = {
               "gate_jitter": 0.08, "augment_copies": 0, "mask_every": 1, "init_checkpoint": None,
               "feature_affine": None, "image_jitter": None,
               "threads": 2, "cache_dir": None},
-    "output": {"checkpoint": "apps/anatomy_vlm/model/anatomy_vlm.pt", "run_dir": "runs/anatomy"},
+    "output": {"checkpoint": "apps/anatomy_vlm/model/anatomy_vlm.pt", "run_dir": "runs/anatomy",
+               "weights_dtype": "float32"},
     "align": dict(ALIGN_DEFAULTS),
 }
 
@@ -435,7 +442,7 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
                 best = dict(v, epoch=epoch + 1)
                 meta = dict(meta_base, metrics={"val": v}, epoch=epoch + 1,
                             train_seconds=round(time.time() - t0, 1))
-                save_checkpoint(oc["checkpoint"], model, meta)
+                save_checkpoint(oc["checkpoint"], model, meta, weights_dtype=oc["weights_dtype"])
             save_checkpoint(run_dir / "last.pt", model, dict(meta_base, epoch=epoch),
                             extra={"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                    "epoch": epoch, "best": best})
@@ -457,7 +464,7 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         meta.setdefault("metrics", {})
         meta["metrics"] = dict(meta["metrics"], align=summary)
         meta["align_seconds"] = summary["seconds"]
-        save_checkpoint(oc["checkpoint"], model, meta)
+        save_checkpoint(oc["checkpoint"], model, meta, weights_dtype=oc["weights_dtype"])
         result["align"] = summary
     if log:
         log.close()

@@ -1,18 +1,22 @@
 """Zero-shot findings per region and per image, and text grounding, from the aligned embeddings.
 
 For any free-text finding ``f`` (trained or not) and region ``k``: the positive prompts
-(:data:`anatomy_vlm.knowledge.ZERO_SHOT_POSITIVE`, "{finding} in the {region}.") and the negative ones
-(:data:`~anatomy_vlm.knowledge.ZERO_SHOT_NEGATIVE`) are encoded by the frozen text encoder and the
-aligner's text projection; each set is averaged into one class vector (CLIP's prompt ensemble) and
+(:data:`anatomy_vlm.knowledge.ZERO_SHOT_POSITIVE`, "{finding}.", ...) and the negative ones
+(:data:`~anatomy_vlm.knowledge.ZERO_SHOT_NEGATIVE`, "No {finding}.", ...) are encoded by the frozen
+text encoder and the aligner's text projection; each set is averaged into one class vector (CLIP's
+prompt ensemble) and
 
-    p_k(f) = softmax(scale * [<r_k, c_pos(f, k)>, <r_k, c_neg(f, k)>])[0]
+    p_k(f) = softmax(scale * [<r_k, c_pos(f)>, <r_k, c_neg(f)>])[0]
 
-with ``r_k`` the region's unit embedding and ``scale`` the learned temperature. The image-level
-probability uses the image embedding and the image templates. Grounding a sentence: its joint-space
-vector against the 29 region embeddings of the image, softmax over regions.
+with ``r_k`` the region's unit embedding (which carries its region through knowledge enrichment) and
+``scale`` the learned temperature. The **image-level** probability is the largest region probability,
+``p(f) = max_k p_k(f)`` (the image shows ``f`` where some region does); it scored better than the
+aligned global embedding against image templates on the validation split (image AUC 0.73 vs 0.55),
+and it names the region that carries it. Grounding a sentence: its joint-space vector against the 29
+region embeddings of the image, softmax over regions.
 
 Prompt embeddings are cached per text (:class:`anatomy_vlm.text.TextEncoder`): a new prompt costs one
-text-encoder call, then nothing.
+text-encoder call for its six template sentences, then nothing.
 """
 
 from __future__ import annotations
@@ -23,10 +27,9 @@ import numpy as np
 import torch
 
 from .anatomy import REGION_NAMES
-from .knowledge import (FINDING_NAMES, IMAGE_NEGATIVE, IMAGE_POSITIVE, ZERO_SHOT_NEGATIVE, ZERO_SHOT_POSITIVE,
-                        finding as _finding)
+from .knowledge import FINDING_NAMES, ZERO_SHOT_NEGATIVE, ZERO_SHOT_POSITIVE, finding as _finding
 
-__all__ = ["ZeroShotScorer", "evaluate_zero_shot", "PARAPHRASES", "roc_auc"]
+__all__ = ["ZeroShotScorer", "evaluate_zero_shot", "score_zero_shot", "PARAPHRASES", "roc_auc"]
 
 #: Finding wordings that appear nowhere in training (not in knowledge.py's names or synonyms, which the
 #: demo reports are written from): the zero-shot check for prompts the model never saw.
@@ -77,54 +80,49 @@ class ZeroShotScorer:
         return v
 
     @staticmethod
-    def _fill(templates: Sequence[str], finding: str, region: str | None = None) -> tuple[str, ...]:
+    def _fill(templates: Sequence[str], finding: str) -> tuple[str, ...]:
         out = []
         for t in templates:
-            s = t.format(finding=finding, region=region or "")
-            out.append(s[0].upper() + s[1:])
+            x = t.format(finding=finding)
+            out.append(x[0].upper() + x[1:])
         return tuple(out)
 
     @torch.no_grad()
-    def region_probs(self, regions: torch.Tensor, findings: Sequence[str],
-                     region_indices: Sequence[int] | None = None) -> np.ndarray:
-        """``(F, R)`` probabilities of each finding text in each region.
+    def class_vectors(self, findings: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(F, J)`` positive and ``(F, J)`` negative prompt-ensemble vectors of finding texts."""
+        self.text.encode([t for f in findings for t in self._fill(ZERO_SHOT_POSITIVE + ZERO_SHOT_NEGATIVE, f)])
+        pos = torch.stack([self._class_vector(self._fill(ZERO_SHOT_POSITIVE, f)) for f in findings])
+        neg = torch.stack([self._class_vector(self._fill(ZERO_SHOT_NEGATIVE, f)) for f in findings])
+        return pos, neg
+
+    @torch.no_grad()
+    def region_probs(self, regions: torch.Tensor, findings: Sequence[str]) -> np.ndarray:
+        """``(F, K)`` probabilities of each finding text in each region.
 
         Args:
             regions: ``(K, J)`` unit region embeddings of one image.
             findings: Finding texts (checked by the caller).
-            region_indices: Which regions to score (default all, in registry order).
         """
-        idx = list(range(regions.shape[0])) if region_indices is None else list(region_indices)
-        scale = float(self.aligner.scale)
-        out = np.zeros((len(findings), len(idx)), np.float32)
-        # one text-encoder call for all prompts not yet cached
-        self.text.encode([t for f in findings for k in idx for t in
-                          self._fill(ZERO_SHOT_POSITIVE + ZERO_SHOT_NEGATIVE, f, REGION_NAMES[k])])
-        for i, f in enumerate(findings):
-            pos = torch.stack([self._class_vector(self._fill(ZERO_SHOT_POSITIVE, f, REGION_NAMES[k])) for k in idx])
-            neg = torch.stack([self._class_vector(self._fill(ZERO_SHOT_NEGATIVE, f, REGION_NAMES[k])) for k in idx])
-            r = regions[idx]
-            logits = scale * torch.stack([(r * pos).sum(-1), (r * neg).sum(-1)], -1)
-            out[i] = torch.softmax(logits, -1)[:, 0].numpy()
-        return out
+        if not findings:
+            return np.zeros((0, regions.shape[0]), np.float32)
+        pos, neg = self.class_vectors(findings)
+        r = regions.float()
+        logits = float(self.aligner.scale) * torch.stack([pos @ r.T, neg @ r.T], -1)  # (F, K, 2)
+        return torch.softmax(logits, -1)[..., 0].numpy().astype(np.float32)
 
-    @torch.no_grad()
-    def image_probs(self, image: torch.Tensor, findings: Sequence[str]) -> np.ndarray:
-        """``(F,)`` image-level probabilities of each finding text; ``image`` is ``(J,)``."""
-        scale = float(self.aligner.scale)
-        self.text.encode([t for f in findings for t in self._fill(IMAGE_POSITIVE + IMAGE_NEGATIVE, f)])
-        out = np.zeros(len(findings), np.float32)
-        for i, f in enumerate(findings):
-            pos = self._class_vector(self._fill(IMAGE_POSITIVE, f))
-            neg = self._class_vector(self._fill(IMAGE_NEGATIVE, f))
-            out[i] = float(torch.softmax(scale * torch.stack([image @ pos, image @ neg]), 0)[0])
-        return out
+    @staticmethod
+    def image_probs(region_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image-level ``(F,)`` probabilities from ``(F, K)`` region ones (their maximum) and the ``(F,)``
+        index of the region that gives each."""
+        if region_probs.shape[0] == 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        return region_probs.max(1).astype(np.float32), region_probs.argmax(1)
 
     @torch.no_grad()
     def ground(self, regions: torch.Tensor, sentence: str) -> np.ndarray:
         """``(K,)`` probability that ``sentence`` refers to each region (softmax over the image's regions)."""
         t = self.embed([sentence])[0]
-        return torch.softmax(float(self.aligner.scale) * (regions @ t), 0).numpy()
+        return torch.softmax(float(self.aligner.scale) * (regions.float() @ t), 0).numpy()
 
 
 def _allowed(f: str) -> list[int]:
@@ -150,16 +148,22 @@ def evaluate_zero_shot(model, text_encoder, feats: dict[str, torch.Tensor], reco
         region AUCs are over the (image, region) pairs where ``knowledge`` says the finding can be seen.
     """
     al = model.aligner
-    scorer = ZeroShotScorer(al, text_encoder)
     with torch.no_grad():
         out = al(feats["pooled"].float(), feats["tokens"].float(), feats["global"].float())
+    return score_zero_shot(ZeroShotScorer(al, text_encoder), out.regions, records, wordings)
+
+
+def score_zero_shot(scorer: ZeroShotScorer, regions: torch.Tensor | Sequence[torch.Tensor], records: Sequence[dict],
+                    wordings: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """:func:`evaluate_zero_shot` from the images' ``(K, J)`` aligned region embeddings (one per record),
+    e.g. the served ones (``Predictor.predict(..., align=True)``)."""
     wordings = wordings or {"canonical": {f: f for f in FINDING_NAMES}, "paraphrased": dict(PARAPHRASES)}
     res: dict[str, Any] = {"n_images": len(records)}
     for name, prompts in wordings.items():
         fs = list(prompts)
         texts = [prompts[f] for f in fs]
-        reg_scores = [scorer.region_probs(out.regions[i], texts) for i in range(len(records))]  # (F, K) each
-        img_scores = np.stack([scorer.image_probs(out.image[i], texts) for i in range(len(records))])  # (N, F)
+        reg_scores = [scorer.region_probs(regions[i], texts) for i in range(len(records))]  # (F, K) each
+        img_scores = np.stack([scorer.image_probs(r)[0] for r in reg_scores])  # (N, F)
         r_auc, i_auc = {}, {}
         for j, f in enumerate(fs):
             ks = _allowed(f)
@@ -186,7 +190,7 @@ def evaluate_zero_shot(model, text_encoder, feats: dict[str, torch.Tensor], reco
             correct |= {REGION_NAMES.index(r) for r, fl in rf.items() if s["finding"] in fl}
             if not correct:
                 continue
-            p = scorer.ground(out.regions[i], s["text"])
+            p = scorer.ground(regions[i], s["text"])
             n += 1
             hit += int(int(np.argmax(p)) in correct)
     res["grounding"] = {"n_sentences": n, "top1_correct": (hit / n) if n else None}

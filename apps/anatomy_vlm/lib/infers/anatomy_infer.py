@@ -154,6 +154,43 @@ class AnatomyInfer(BasicInferTask):
             raise NoCheckpointError(self.no_checkpoint_message())
         return predictor
 
+    # -- request parts shared by the tasks --------------------------------------------------------------
+    def request(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        """The task's config defaults overlaid with the request."""
+        req = dict(self._config)
+        req.update(request)
+        return req
+
+    @staticmethod
+    def image_path(req: Dict[str, Any]) -> str:
+        """The request's image file (the datastore resolves ids to paths); 404 when there is none."""
+        image = req.get("image")
+        if not isinstance(image, str) or not image or not os.path.isfile(image):
+            raise InferRequestError(
+                "unknown image: the datastore has no image with this id" if not image
+                else f"unknown image {image!r}", status=404)
+        return image
+
+    @staticmethod
+    def region_indices(req: Dict[str, Any]):
+        """0-based region indices of the ``regions`` parameter (default all); 400 for an unknown one."""
+        from anatomy_vlm.predict import resolve_regions
+
+        try:
+            return resolve_regions(req.get("regions") or None)
+        except ValueError as e:
+            raise InferRequestError(str(e), status=400) from e
+
+    @staticmethod
+    def run_predict(predictor, image: str, **kwargs):
+        """``predictor.predict(image, **kwargs)``; an unreadable image is a 422."""
+        from anatomy_vlm.io import ImageReadError
+
+        try:
+            return predictor.predict(image, **kwargs)
+        except ImageReadError as e:
+            raise InferRequestError(f"cannot read the image: {e}", status=422) from e
+
     def __call__(self, request, callbacks=None) -> Tuple[Union[str, None], Dict]:
         """Run the task: ``(result file, result JSON)``.
 
@@ -161,22 +198,12 @@ class AnatomyInfer(BasicInferTask):
             NoCheckpointError / CheckpointUnusableError: (503) no usable checkpoint.
             InferRequestError: (4xx) unknown image, unknown region, unreadable image, bad parameter.
         """
-        from anatomy_vlm.io import ImageReadError
-        from anatomy_vlm.predict import (image_geometry, resolve_regions, write_flat_labelmap, write_seg_nrrd,
-                                         write_slicer_roi_markups)
+        from anatomy_vlm.predict import image_geometry, write_flat_labelmap, write_seg_nrrd, write_slicer_roi_markups
 
         predictor = self.predictor()
-        req = dict(self._config)
-        req.update(request)
-        image = req.get("image")
-        if not isinstance(image, str) or not image or not os.path.isfile(image):
-            raise InferRequestError(
-                "unknown image: the datastore has no image with this id" if not image
-                else f"unknown image {image!r}", status=404)
-        try:
-            indices = resolve_regions(req.get("regions") or None)
-        except ValueError as e:
-            raise InferRequestError(str(e), status=400) from e
+        req = self.request(request)
+        image = self.image_path(req)
+        indices = self.region_indices(req)
         fmt = req.get("label_format")
         fmt = (fmt[0] if fmt else None) if isinstance(fmt, (list, tuple)) else fmt  # /info default: a list
         fmt = str(fmt or LABEL_FORMATS[0]).lstrip(".")
@@ -184,10 +211,7 @@ class AnatomyInfer(BasicInferTask):
             raise InferRequestError(f"unknown label_format {fmt!r}; choose one of {list(LABEL_FORMATS)}", 400)
         detection = self.type == InferType.DETECTION
         refine = str(req.get("refine_boxes", False)).lower() in ("1", "true", "yes")
-        try:
-            pred = predictor.predict(image, with_masks=(not detection) or refine, regions=[i + 1 for i in indices])
-        except ImageReadError as e:
-            raise InferRequestError(f"cannot read the image: {e}", status=422) from e
+        pred = self.run_predict(predictor, image, with_masks=(not detection) or refine, regions=[i + 1 for i in indices])
         geometry = image_geometry(image, pred.image_shape)
         result = pred.to_json()
         result.update({
