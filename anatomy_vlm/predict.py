@@ -299,7 +299,8 @@ class Predictor:
                     ex = (torch.randn(1, *emb.shape, generator=g), torch.rand(1, 3, S, S, generator=g))
                     root = self.cache.root.parent if self.cache.root else None
                     self._fast_head = fast_module(head, ex, ("embedding", "image"), root,
-                                                  f"{type(head).__name__}-{module_digest(head)}", tolerance=1e-2)
+                                                  f"{type(head).__name__}-{module_digest(head)}", tolerance=1e-2,
+                                                  memory_arena=False)
                     self.mask_head_backend = "pytorch" if self._fast_head is head else "onnxruntime"
         return self._fast_head
 

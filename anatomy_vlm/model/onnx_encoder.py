@@ -45,11 +45,12 @@ class OnnxModule:
         path: Where the ``.onnx`` file is (exported there, atomically, if missing).
         example_inputs: One batch-1 example per input (their shapes are the exported shapes).
         input_names: Names of the inputs, in order.
+        memory_arena: Keep ONNX Runtime's CPU memory arena (faster repeated runs, more resident memory).
         threads: ONNX Runtime intra-op threads (default: ``torch.get_num_threads()``).
     """
 
     def __init__(self, module: torch.nn.Module, path: str | os.PathLike, example_inputs: tuple[torch.Tensor, ...],
-                 input_names: tuple[str, ...], threads: int | None = None):
+                 input_names: tuple[str, ...], threads: int | None = None, memory_arena: bool = True):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -62,6 +63,9 @@ class OnnxModule:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # no busy-waiting between runs: PyTorch's threads work right after this session on the same cores
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # The CPU memory arena keeps the peak activations allocated between runs: worth its memory for the
+        # encoder (about 500 MB here, and about 10 % faster), not for small modules.
+        so.enable_cpu_mem_arena = bool(memory_arena)
         self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
         self._lock = threading.Lock()
 
@@ -111,12 +115,14 @@ class OnnxEncoder(OnnxModule):
 
 
 def fast_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], input_names: tuple[str, ...],
-                cache_root: str | os.PathLike | None, tag: str, tolerance: float = _TOLERANCE, factory=None):
+                cache_root: str | os.PathLike | None, tag: str, tolerance: float = _TOLERANCE, factory=None,
+                memory_arena: bool = True):
     """:class:`OnnxModule` for a frozen ``module`` when onnxruntime works and agrees with PyTorch on
     ``example_inputs`` (max abs difference <= ``tolerance``), otherwise ``module`` itself; never raises.
     ``ANATOMY_VLM_ENCODER_BACKEND=torch`` switches it off. The export is ``<cache_root>/onnx/<tag>.onnx``
     (``None``: the default cache, ``$ANATOMY_VLM_CACHE`` or ``~/.cache/anatomy_vlm``). ``factory(module,
-    path)`` builds the ONNX callable instead of :class:`OnnxModule` (e.g. :class:`OnnxEncoder`)."""
+    path)`` builds the ONNX callable instead of :class:`OnnxModule` (e.g. :class:`OnnxEncoder`);
+    ``memory_arena`` goes to :class:`OnnxModule`."""
     name = type(module).__name__
     if os.environ.get("ANATOMY_VLM_ENCODER_BACKEND", "auto").lower() == "torch":
         return module
@@ -135,7 +141,8 @@ def fast_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...
         root = default_cache_dir().parent
     path = root / "onnx" / f"{tag}.onnx"
     try:
-        fast = factory(module, path) if factory else OnnxModule(module, path, example_inputs, input_names)
+        fast = factory(module, path) if factory else OnnxModule(module, path, example_inputs, input_names,
+                                                                memory_arena=memory_arena)
         with torch.no_grad():
             was_training = module.training
             module.eval()
