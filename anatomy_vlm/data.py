@@ -353,7 +353,9 @@ class CorrectionsDataset:
     ``studies/labels/boxes/<id>.boxes.json`` with ``"regions"`` and ``"confirmed"`` (see
     :mod:`anatomy_vlm.labels`). Only confirmed regions are labels: ``valid`` is True for them (``present``
     when their box is not null) and False for every other region, so a trainer never learns from a box
-    nobody checked. No masks.
+    nobody checked. Masks: from ``labels/final/<id>.nii.gz`` for the regions listed under
+    ``confirmed_masks`` (a corrected mask label, see the app's datastore), ``mask_valid`` marking them;
+    otherwise ``None`` (the mask head then learns from the confirmed boxes, ``loss_mask_proj``).
 
     Args:
         studies: The studies folder.
@@ -404,9 +406,40 @@ class CorrectionsDataset:
             if r.get("box") is not None:
                 boxes[k] = np.asarray(r["box"], np.float32)
                 present[k] = True
+        masks = mask_valid = None
+        mask_names = set(doc.get("confirmed_masks") or []) & confirmed
+        mask_file = self.root / "labels" / "final" / f"{e['id']}.nii.gz"
+        if mask_names and mask_file.is_file():
+            m = read_region_masks(mask_file)
+            if m.shape[0] == 1:  # a label map of region ids
+                import nibabel as nib
+
+                ids = np.asarray(nib.load(str(mask_file)).dataobj).squeeze().T
+                m = np.stack([ids == r.id for r in REGIONS])
+            if m.shape == (NUM_REGIONS, *rg.pixels.shape):
+                masks = m
+                mask_valid = np.array([r.name in mask_names for r in REGIONS])
         return {"id": e["id"], "image": rg.pixels, "boxes": boxes, "present": present, "valid": valid,
-                "masks": None, "spacing": rg.spacing,
-                "meta": {"dataset": "corrections", "image_path": str(e["image"]), "confirmed": sorted(confirmed)}}
+                "masks": masks, "mask_valid": mask_valid, "spacing": rg.spacing,
+                "meta": {"dataset": "corrections", "image_path": str(e["image"]), "confirmed": sorted(confirmed),
+                         "confirmed_masks": sorted(mask_names)}}
+
+
+class SubsetSamples:
+    """The samples ``indices`` of a dataset (e.g. a replay sample of the pretraining data)."""
+
+    def __init__(self, dataset, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def path_of(self, index: int) -> Path:
+        d, j = self.dataset, self.indices[index]
+        return Path(d.path_of(j)) if hasattr(d, "path_of") else Path(d.root) / d.entries[j]["image"]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.dataset[self.indices[index]]
 
 
 class ConcatSamples:

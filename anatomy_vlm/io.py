@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -448,6 +449,13 @@ def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """Serialise ``obj`` as indented UTF-8 JSON, atomically (serialised before the file is touched)."""
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
     return _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy ``src`` to ``dst`` through a flushed temporary file beside ``dst`` and a rename (a reader of
+    ``dst`` sees the old file or the new one, never a part)."""
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    return _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 # ----------------------------------------------------------------------------------- MONAI adapter

@@ -28,7 +28,7 @@ import numpy as np
 
 from .anatomy import NUM_REGIONS, REGIONS, REGISTRY_VERSION, region
 
-__all__ = ["LabelError", "BoxCorrection", "check_id", "parse_box_correction", "merge_box_label",
+__all__ = ["LabelError", "BoxCorrection", "check_id", "parse_box_correction", "merge_box_label", "mask_correction",
            "check_mask_dims", "check_mask_shape"]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -191,10 +191,39 @@ def parse_box_correction(obj: Any, image_shape: tuple[int, int], geometry: Any =
     return _from_regions(doc, tuple(image_shape))
 
 
+def mask_correction(masks: np.ndarray, regions: Any = None) -> BoxCorrection:
+    """The box correction a corrected mask label implies: each region's box is its mask's bounding box.
+
+    Args:
+        masks: ``(29, H, W)`` region masks or an ``(H, W)`` label map (values = region ids), already
+            checked with :func:`check_mask_shape`.
+        regions: Region names/ids the annotator corrected (default: every region with a non-empty mask;
+            a named region with an empty mask is confirmed absent).
+
+    Raises:
+        LabelError: an unknown region name.
+    """
+    a = np.asarray(masks)
+    H, W = a.shape[-2:]
+    stack = a != 0 if a.ndim == 3 else np.stack([a == r.id for r in REGIONS])
+    names = [_region_name(x) for x in regions] if regions else [r.name for k, r in enumerate(REGIONS) if stack[k].any()]
+    corr = BoxCorrection((int(H), int(W)))
+    for n in dict.fromkeys(names):
+        m = stack[REGIONS.index(region(n))]
+        if not m.any():
+            corr.absent.append(n)
+            continue
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        corr.boxes[n] = [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
+    return corr
+
+
 def merge_box_label(previous: dict | None, correction: BoxCorrection, image_id: str, user: str | None,
-                    when: str) -> dict:
+                    when: str, masks: bool = False) -> dict:
     """The label to store: ``previous`` (or nothing) with the corrected regions replaced and listed as
-    confirmed (a region confirmed earlier stays confirmed), plus who and when per region."""
+    confirmed (a region confirmed earlier stays confirmed), plus who and when per region. ``masks``: the
+    correction came with masks (a mask label), so its regions are also listed under ``confirmed_masks``
+    (the trainer then learns those regions' masks from ``labels/final``)."""
     H, W = correction.image_shape
     prev = {}
     confirmed: dict[str, dict] = {}
@@ -219,9 +248,15 @@ def merge_box_label(previous: dict | None, correction: BoxCorrection, image_id: 
         if r.name in correction.regions:
             confirmed[r.name] = {"user": user or "unknown", "time": when}
         regions.append(entry)
-    return {"image": image_id, "width": W, "height": H, "registry": REGISTRY_VERSION,
-            "source": "annotator corrections", "regions": regions,
-            "confirmed": {k: confirmed[k] for k in (r.name for r in REGIONS) if k in confirmed}}
+    mask_done = set(previous.get("confirmed_masks") or []) if isinstance(previous, dict) else set()
+    if masks:
+        mask_done |= set(correction.regions)
+    out = {"image": image_id, "width": W, "height": H, "registry": REGISTRY_VERSION,
+           "source": "annotator corrections", "regions": regions,
+           "confirmed": {k: confirmed[k] for k in (r.name for r in REGIONS) if k in confirmed}}
+    if mask_done:
+        out["confirmed_masks"] = [r.name for r in REGIONS if r.name in mask_done]
+    return out
 
 
 def check_mask_dims(shape: tuple[int, ...], image_shape: tuple[int, int]) -> None:

@@ -12,6 +12,8 @@ name                what                                             counted ove
 ``loss_presence``   BCE with logits on presence                      valid regions
 ``loss_mask_dice``  soft Dice on ``sigmoid(mask_logits)``            regions with a target mask
 ``loss_mask_bce``   per-pixel BCE with logits, mean per region       regions with a target mask
+``loss_mask_proj``  Dice of the mask's row/column maxima against     regions with a box but no
+                    the box's extent (BoxInst)                       target mask
 ==================  ===============================================  ===========================
 
 The total ``loss`` is ``sum(weights[name] * losses[name])`` over the terms that could be computed
@@ -27,7 +29,8 @@ compared index by index. :func:`match_identity` makes that step explicit.
 confirmed absent): a human confirmed it, or the ground truth lists it. Invalid regions contribute
 nothing to any term. Regions that are valid but absent (``present`` False) only enter the presence
 term; their boxes and masks are ignored. ``mask_valid`` can narrow the mask terms further (an image
-with boxes but no masks, e.g. Chest ImaGenome).
+with boxes but no masks, e.g. Chest ImaGenome, or a box-only correction); a region with a known box
+and no known mask trains the masks through ``loss_mask_proj`` (:func:`projection_loss`).
 
 Coordinate contract: boxes are ``(cx, cy, w, h)`` normalised to ``[0, 1]`` on the model's input frame
 (see :func:`anatomy_vlm.data.to_model_targets`); ``x`` is the column axis. GIoU is scale-invariant,
@@ -50,11 +53,13 @@ __all__ = [
     "cxcywh_to_xyxy", "l1_box_loss", "giou_loss", "presence_loss", "dice_loss", "mask_bce_loss",
 ]
 
-LOSS_TERMS: tuple[str, ...] = ("loss_bbox", "loss_giou", "loss_presence", "loss_mask_dice", "loss_mask_bce")
+LOSS_TERMS: tuple[str, ...] = ("loss_bbox", "loss_giou", "loss_presence", "loss_mask_dice", "loss_mask_bce",
+                               "loss_mask_proj")
 """Names of the terms the criterion can compute."""
 
 DEFAULT_WEIGHTS: dict[str, float] = {
     "loss_bbox": 5.0, "loss_giou": 2.0, "loss_presence": 1.0, "loss_mask_dice": 1.0, "loss_mask_bce": 1.0,
+    "loss_mask_proj": 1.0,
 }
 """DETR's box weights (L1 5, GIoU 2); presence and mask terms at 1."""
 
@@ -138,6 +143,25 @@ def mask_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-mask BCE with logits, mean over pixels: ``(N, H, W)``, ``(N, H, W)`` -> ``(N,)``."""
     return F.binary_cross_entropy_with_logits(
         logits, target.to(logits.dtype), reduction="none").flatten(1).mean(-1)
+
+
+def projection_loss(logits: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Tensor:
+    """Box-supervised mask loss (BoxInst's projection term): ``(N, h, w)`` logits, ``(N, 4)`` boxes
+    normalised to the frame -> ``(N,)``. The mask's maximum over rows and over columns must cover
+    exactly the box's extent on each axis (Dice on the two 1D profiles). The served boxes of the dense
+    head are read from the same row/column maxima, so a box correction trains what is served.
+    """
+    p = logits.sigmoid()
+    N, h, w = p.shape
+    xs = (torch.arange(w, device=p.device, dtype=p.dtype) + 0.5) / w
+    ys = (torch.arange(h, device=p.device, dtype=p.dtype) + 0.5) / h
+    b = boxes_xyxy.to(p.dtype)
+    tx = ((xs[None] >= b[:, :1]) & (xs[None] <= b[:, 2:3])).to(p.dtype)  # (N, w)
+    ty = ((ys[None] >= b[:, 1:2]) & (ys[None] <= b[:, 3:4])).to(p.dtype)  # (N, h)
+    loss = 0.0
+    for prof, t in ((p.amax(1), tx), (p.amax(2), ty)):
+        loss = loss + 1.0 - (2.0 * (prof * t).sum(-1) + 1.0) / (prof.pow(2).sum(-1) + t.sum(-1) + 1.0)
+    return loss
 
 
 def _masked_mean(values: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
@@ -247,6 +271,10 @@ class AnatomyCriterion(torch.nn.Module):
             target = _resize_masks(tgt_masks[:, r_idx].to(logits.device)[mvalid], tuple(logits.shape[-2:]))
             losses["loss_mask_dice"] = _masked_mean(dice_loss(logits, target), pred_masks)
             losses["loss_mask_bce"] = _masked_mean(mask_bce_loss(logits, target), pred_masks)
+            # regions with a known box but no known mask (box-only corrections): the projection term
+            psel = box_sel & ~(torch.ones_like(box_sel) if mask_valid is None else mask_valid.to(box_sel.device, torch.bool))
+            losses["loss_mask_proj"] = _masked_mean(
+                projection_loss(pred_masks[:, q_idx][psel], cxcywh_to_xyxy(tgt_boxes[psel])), pred_masks)
 
         total = sum((self.weights[k] * v for k, v in losses.items()), pred_boxes.sum() * 0.0)
         losses["loss"] = total

@@ -19,6 +19,8 @@ One config file per run (JSON, or YAML if the file ends in .yaml/.yml); every ke
     ``loss_weights`` (criterion term -> weight), ``aux_weight`` (auxiliary decoder layers), ``seed``,
     ``val_every``, ``threads``, ``cache_dir`` (encoder embeddings; default ``data/cache/embeddings``),
     ``init_checkpoint`` (fine-tune: start from this checkpoint and its model config),
+    ``encoder_trainable_blocks`` (with ``init_checkpoint``: also train the encoder's last N blocks; the
+    encoder then runs on every step, no embedding cache),
     ``augment_copies`` (augmented copies per training image, encoded once: :mod:`anatomy_vlm.augment`),
     ``mask_every`` (run the mask head and its loss on every n-th step only: it costs about 4x a box-only
     step here, and boxes need more steps than masks), ``feature_affine`` (``null``, or
@@ -68,7 +70,8 @@ from .alignment import ALIGN_DEFAULTS
 from .augment import augment_sample, augmented_digest, copy_seed
 from .cache import EmbeddingCache, file_digest
 from .checkpoint import save_checkpoint
-from .data import ChestImaGenomeDataset, ConcatSamples, CorrectionsDataset, DemoDataset, to_model_targets
+from .data import (ChestImaGenomeDataset, ConcatSamples, CorrectionsDataset, DemoDataset, SubsetSamples,
+                   to_model_targets)
 from .embed import cached_encoder, default_cache_dir, embed_files, encoder_tag
 from .losses import AnatomyCriterion
 from .model import box_cxcywh_to_xyxy, build_model, letterbox
@@ -80,7 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {"epochs": 60, "batch_size": 8, "lr": 4e-4, "lr_min": 1e-5, "weight_decay": 1e-4,
               "grad_clip": 1.0, "loss_weights": {}, "aux_weight": 0.5, "seed": 0, "val_every": 5,
               "gate_jitter": 0.08, "augment_copies": 0, "mask_every": 1, "init_checkpoint": None,
-              "feature_affine": None, "image_jitter": None,
+              "feature_affine": None, "image_jitter": None, "encoder_trainable_blocks": None,
               "threads": 2, "cache_dir": None},
     "output": {"checkpoint": "apps/anatomy_vlm/model/anatomy_vlm.pt", "run_dir": "runs/anatomy",
                "weights_dtype": "float32"},
@@ -143,6 +146,13 @@ def _datasets(data_cfg: dict):
         if data_cfg.get("replay_root"):
             replay = DemoDataset(data_cfg["replay_root"], data_cfg.get("replay_split", "train"))
             val_replay = DemoDataset(data_cfg["replay_root"], data_cfg.get("replay_val_split", "val"))
+            n = data_cfg.get("replay_n")
+            if n is not None and int(n) < len(replay):  # a seeded sample of the pretraining data
+                pick = np.random.default_rng(int(data_cfg.get("replay_seed", 0))).permutation(len(replay))[:int(n)]
+                replay = SubsetSamples(replay, sorted(int(i) for i in pick))
+            n = data_cfg.get("replay_val_n")
+            if n is not None and int(n) < len(val_replay):
+                val_replay = SubsetSamples(val_replay, range(int(n)))
         if len(train_c) == 0:
             raise ValueError(f"{studies}: no corrected study with confirmed regions to fine-tune on")
         return ConcatSamples(train_c, replay), ConcatSamples(val_c, val_replay)
@@ -184,6 +194,7 @@ class _Prepared:
                 src = digests[i] or file_digest(paths[i])
                 for c in range(augment):
                     a = augment_sample(s, copy_seed(src, c, seed))
+                    a.setdefault("mask_valid", s.get("mask_valid"))
                     d = augmented_digest(src, c, seed)
                     self.items.append(self._item(a, d, mask_size))
                     if cache is not None and cache.get(d) is None:
@@ -195,15 +206,19 @@ class _Prepared:
                 with torch.no_grad():
                     cache.put(d, encode(x[None])[0])
         self.cache = cache
+        self.mask_size = int(mask_size)
 
     @staticmethod
     def _item(s: dict, digest: str | None, mask_size: int) -> dict:
         x, lb = letterbox(s["image"])
         t = to_model_targets(s, input_size=x.shape[-1], mapping=lb, mask_size=mask_size)
         meta = s.get("meta") or {}
+        mv = s.get("mask_valid")
         return {"id": s["id"], "image": x[:1].half(), "digest": digest,
                 "boxes": t["boxes"], "present": t["present"], "valid": t["valid"],
                 "masks": t["masks"].bool() if t["masks"] is not None else None,
+                "mask_valid": torch.as_tensor(mv, dtype=torch.bool) if (mv is not None and t["masks"] is not None)
+                else None,
                 "text": {k: meta[k] for k in ("report", "region_findings", "image_findings", "report_sentences")
                          if k in meta}}
 
@@ -221,8 +236,18 @@ class _Prepared:
         tgt = {"boxes": torch.stack([it["boxes"] for it in its]),
                "present": torch.stack([it["present"] for it in its]),
                "valid": torch.stack([it["valid"] for it in its])}
-        if all(it["masks"] is not None for it in its):
-            tgt["masks"] = torch.stack([it["masks"] for it in its]).float()
+        has = [it["masks"] is not None for it in its]
+        if any(has):  # items without masks (box-only corrections) get zeros, excluded by mask_valid
+            K = its[0]["boxes"].shape[0]
+            empty = torch.zeros(K, self.mask_size, self.mask_size, dtype=torch.bool)
+            tgt["masks"] = torch.stack([it["masks"] if it["masks"] is not None else empty for it in its]).float()
+            mv = [torch.zeros(K, dtype=torch.bool) if it["masks"] is None else
+                  (it["mask_valid"] if it.get("mask_valid") is not None else torch.ones(K, dtype=torch.bool))
+                  for it in its]
+            if not all(bool(m.all()) for m in mv):
+                tgt["mask_valid"] = torch.stack(mv)
+        else:  # no masks at all: the mask head trains from the boxes (loss_mask_proj)
+            tgt["mask_valid"] = torch.zeros(len(its), its[0]["boxes"].shape[0], dtype=torch.bool)
         return images, emb, tgt
 
 
@@ -248,16 +273,18 @@ def validate(model, data: _Prepared, batch_size: int = 8) -> dict[str, float]:
         gt = box_cxcywh_to_xyxy(tgt["boxes"]) * S
         ok = tgt["present"] & tgt["valid"]
         ious_dec.append(_ious(out.boxes_xyxy * S, gt)[ok])
-        if out.masks is not None and "masks" in tgt:
+        if out.masks is not None:
             pm = out.masks > 0
             ious_mask.append(_ious(mask_boxes(pm), gt)[ok])
-            g = tgt["masks"] > 0.5
-            inter = (pm & g).flatten(2).sum(-1).float()
-            d = 2 * inter / (pm.flatten(2).sum(-1) + g.flatten(2).sum(-1) + 1e-9)
-            dices.append(d[ok])
+            if "masks" in tgt:
+                g = tgt["masks"] > 0.5
+                inter = (pm & g).flatten(2).sum(-1).float()
+                d = 2 * inter / (pm.flatten(2).sum(-1) + g.flatten(2).sum(-1) + 1e-9)
+                dices.append(d[ok & tgt.get("mask_valid", torch.ones_like(ok))])
     res = {"iou_decoder": float(torch.cat(ious_dec).mean())}
     if ious_mask:
         res["iou_mask"] = float(torch.cat(ious_mask).mean())
+    if dices and torch.cat(dices).numel():
         res["dice"] = float(torch.cat(dices).mean())
     res["score"] = res.get("iou_mask", res["iou_decoder"]) + res.get("dice", 0.0)
     return res
@@ -329,6 +356,8 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         model.train()
         for p in model.encoder.parameters():
             p.requires_grad_(False)
+        if tc.get("encoder_trainable_blocks") is not None:  # fine-tune the last encoder blocks too
+            model.encoder.set_trainable_blocks(int(tc["encoder_trainable_blocks"]))
         config = dict(config, model=model.config)
     else:
         model = build_model(config["model"])
@@ -402,7 +431,8 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
             images, _, tgt = train_data.batch(idx, with_embeddings=False)
             emb = emb_all[idx].float() if emb_all is not None else None
             fa = tc.get("feature_affine")
-            if fa and emb is not None and "masks" in tgt and float(torch.rand(1, generator=gen)) < fa.get("prob", 1.0):
+            if (fa and emb is not None and "masks" in tgt and "mask_valid" not in tgt
+                    and float(torch.rand(1, generator=gen)) < fa.get("prob", 1.0)):
                 emb, images, tgt = _feature_affine(emb, images, tgt, fa, gen)
             if tc.get("image_jitter"):
                 images = jitter_images(images, tc["image_jitter"], gen)
@@ -412,6 +442,9 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
             with_masks = model.mask_head is not None and step % max(1, int(tc["mask_every"])) == 0
             if not with_masks:
                 tgt.pop("masks", None)
+                tgt.pop("mask_valid", None)
+            elif "masks" not in tgt:  # no item has masks: zeros, all excluded; the projection term trains
+                tgt["masks"] = torch.zeros(*tgt["mask_valid"].shape, 1, 1, device=device)
             gates = None
             if with_masks and tc["gate_jitter"] > 0:
                 gates = jitter_boxes(box_cxcywh_to_xyxy(tgt["boxes"]) * model.input_size, tc["gate_jitter"], gen)

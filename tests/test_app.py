@@ -16,14 +16,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from live_server import launch_server
 
 from anatomy_vlm.anatomy import NUM_REGIONS, REGION_NAMES, label_map
 
@@ -40,66 +37,13 @@ def _copy_studies(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """A ``monailabel start_server`` subprocess; :meth:`url` waits until it answers."""
-
-    def __init__(self, proc: subprocess.Popen, base_url: str, log: Path, app_dir: Path, studies: Path):
-        self.proc, self.base_url, self.log, self.app_dir, self.studies = proc, base_url, log, app_dir, studies
-        self._ready = False
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else "(no log)"
-
-    def url(self, path: str, timeout: float = 120.0) -> str:
-        deadline = time.monotonic() + timeout
-        while not self._ready:
-            if self.proc.poll() is not None:
-                pytest.fail(f"monailabel start_server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                self._ready = httpx.get(self.base_url + "/info/", timeout=5).status_code == 200
-            except httpx.TransportError:
-                pass
-            if not self._ready:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not ready after {timeout} s:\n{self.log_tail()}")
-                time.sleep(0.5)
-        return self.base_url + path
-
-
 @pytest.fixture(scope="module")
 def live_server(demo_studies, tmp_path_factory):
-    """A real server on a copy of the app (start_server creates model/, logs/, bin/ in the app
-    directory; the copy keeps the repository clean) and a copy of the studies."""
+    """A real server on a copy of the app (no checkpoint) and a copy of the studies."""
     base = tmp_path_factory.mktemp("live")
-    app_dir = base / "app"
-    shutil.copytree(APP_DIR, app_dir, ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin"))
-    studies = _copy_studies(demo_studies.studies, base / "studies")
-    port = _free_port()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env["MONAI_LABEL_SESSION_PATH"] = str(base / "sessions")
-    env["TMPDIR"] = str(base)  # start_server writes its logging config to a temp file and keeps it
-    log = base / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir),
-             "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)],
-            cwd=base, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    server = LiveServer(proc, f"http://127.0.0.1:{port}", log, app_dir, studies)
+    server = launch_server(APP_DIR, _copy_studies(demo_studies.studies, base / "studies"), base)
     yield server
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=20)
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +94,8 @@ def test_info_lists_app_29_labels_and_both_tasks(client, app_env):
         assert model["labels"] == label_map()
         assert model["checkpoint"] == {"path": str(app_env["checkpoint"]), "exists": False}
     assert set(info["strategies"]) == {"random", "first", "region_uncertainty"}
-    assert info["trainers"] == {}  # none until the model exists; no stand-in trainer
+    assert set(info["trainers"]) == {"anatomy_finetune"}
+    assert info["trainers"]["anatomy_finetune"]["config"]["tolerance"] == 0.02
     assert len(info["label_colors"]) == 29 and info["registry_version"]
 
 

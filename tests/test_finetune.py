@@ -66,3 +66,76 @@ def test_no_corrections_is_a_clear_error(demo_studies, tmp_path):
                              "output": {"checkpoint": str(tmp_path / "x.pt"), "run_dir": str(tmp_path / "r")}})
     with pytest.raises(ValueError, match="no corrected study"):
         train(cfg, progress=False)
+
+
+# ---- a fine-tuning round: versions, gate, restore ------------------------------------------------------
+DENSE_TINY = {"decoder": {"d_model": 32, "num_layers": 1, "num_heads": 2, "dim_feedforward": 64, "embed_dim": 16},
+              "mask_head": {"kind": "dense", "widths": [16, 16, 16], "fine": [8, 8]},
+              "box_refiner": {"enabled": False}}
+
+
+def _round_setup(demo_studies, tmp_path):
+    studies = tmp_path / "studies"
+    shutil.copytree(demo_studies.studies, studies)
+    ids = sorted(p.name[: -len(".boxes.json")] for p in (studies / "labels" / "boxes").glob("*.boxes.json"))
+    for i in ids[:3]:
+        _correct(studies, i, {"right lung", "left lung", "cardiac silhouette"})
+    served = tmp_path / "model" / "anatomy_vlm.pt"
+    torch.manual_seed(0)
+    save_checkpoint(served, build_model(DENSE_TINY), {"data": "random start (test)"})
+    return studies, served, ids
+
+
+def test_a_round_writes_a_version_and_serves_it_only_past_the_gate(demo_studies, tmp_path, two_torch_threads):
+    import pytest
+
+    from anatomy_vlm.finetune import ModelVersions, finetune_round
+
+    studies, served, ids = _round_setup(demo_studies, tmp_path)
+    before = served.read_bytes()
+    stages = []
+    fast = {"epochs": 1, "replay_n": 2, "demo_val_n": 2, "min_heldout_from": 3, "val_fraction": 0.5}
+    # tolerance -1: the candidate must beat the served model by 1.0 (impossible): kept, not served
+    res = finetune_round(studies, served, demo_studies.root, dict(fast, tolerance=-1.0),
+                         cache_dir=tmp_path / "cache", progress=lambda d: stages.append(d["stage"]))
+    assert res["version"] == "v0002" and res["parent"] == "v0001" and not res["promoted"]
+    assert "not served" in res["reason"] and served.read_bytes() == before
+    assert stages == ["training", "validating", "done"]
+    assert res["metrics"]["candidate"]["demo_val_map"] is not None
+    assert set(res["corrected"]["train"]) | set(res["corrected"]["heldout"]) == set(ids[:3])
+    assert res["corrected"]["heldout"] and res["metrics"]["previous"]["heldout_iou"] is not None
+    versions = ModelVersions(served)
+    assert [v["version"] for v in versions.index()["versions"]] == ["v0001", "v0002"]
+    assert versions.served() == "v0001"
+
+    res = finetune_round(studies, served, demo_studies.root, dict(fast, tolerance=1.0), cache_dir=tmp_path / "cache")
+    assert res["version"] == "v0003" and res["promoted"] and versions.served() == "v0003"
+    assert served.read_bytes() == (versions.root / "v0003.pt").read_bytes() != before
+    tuned, _ = load_model(served)  # the served file is a complete checkpoint
+    versions.restore("v0001")
+    assert served.read_bytes() == before and versions.served() == "v0001"
+    assert "restored" in versions.index()["versions"][0]["note"]
+    with pytest.raises(ValueError, match="unknown model version 'v0099'"):
+        versions.restore("v0099")
+
+
+def test_box_only_corrections_train_the_masks_through_the_projection_loss():
+    from anatomy_vlm.losses import AnatomyCriterion, projection_loss
+
+    box = torch.tensor([[0.25, 0.25, 0.75, 0.5]])
+    inside = torch.full((1, 16, 16), -8.0)
+    inside[0, 4:8, 4:12] = 8.0  # exactly the box (rows 0.25-0.5, columns 0.25-0.75)
+    wrong = torch.full((1, 16, 16), -8.0)
+    wrong[0, 10:14, 0:4] = 8.0
+    assert float(projection_loss(inside, box)) < 0.01 < 0.9 < float(projection_loss(wrong, box))
+    crit = AnatomyCriterion()
+    B, K = 1, NUM_REGIONS
+    cxcywh = torch.tensor([0.5, 0.375, 0.5, 0.25]).expand(B, K, 4).clone()
+    pred = {"boxes": cxcywh.clone(), "presence_logits": torch.zeros(B, K),
+            "mask_logits": torch.zeros(B, K, 16, 16, requires_grad=True)}
+    tgt = {"boxes": cxcywh, "present": torch.ones(B, K, dtype=torch.bool), "valid": torch.ones(B, K, dtype=torch.bool),
+           "masks": torch.zeros(B, K, 1, 1), "mask_valid": torch.zeros(B, K, dtype=torch.bool)}
+    losses = crit(pred, tgt)
+    assert float(losses["loss_mask_proj"].detach()) > 0.1 and float(losses["loss_mask_dice"].detach()) == 0.0
+    losses["loss"].backward()
+    assert pred["mask_logits"].grad.abs().sum() > 0

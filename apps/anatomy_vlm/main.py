@@ -11,6 +11,9 @@ App conf (``--conf KEY VALUE``):
     embedding_cache: encoder-output cache folder (``none``: memory only).
     prefetch_lookahead: after each active-learning pick, how many more unlabelled images to encode in
         the background (default 4; 0 = only the picked one).
+    replay_demo: demo studies folder (holds ``manifest.json``) whose training split is replayed and whose
+        validation split gates ``anatomy_finetune``; default the studies folder's parent when it is one,
+        ``none`` for neither.
 
 Layout as in MONAI Label's sample apps: ``lib/configs`` holds one ``TaskConfig`` per task,
 ``lib/infers`` / ``lib/trainers`` / ``lib/activelearning`` the thin adapters over the
@@ -144,12 +147,20 @@ class AnatomyVLMApp(MONAILabelApp):
         return infers
 
     def init_trainers(self) -> Dict[str, TrainTask]:
-        trainers: Dict[str, TrainTask] = {}
-        for name, task_config in self.models.items():
-            trainer = task_config.trainer()
-            if trainer is not None:
-                trainers[name] = trainer
-        return trainers
+        """``anatomy_finetune`` (one trainer for the one shared checkpoint), when any task is served and the
+        datastore is a local studies folder."""
+        from lib.trainers import AnatomyFinetune
+
+        if not self.models or self.studies.startswith(("http://", "https://")):
+            return {}
+        cfg = next(iter(self.models.values()))
+        demo = self.conf.get("replay_demo")
+        if not demo:  # the demo builder's layout: <demo>/studies next to <demo>/manifest.json
+            parent = os.path.dirname(os.path.abspath(self.studies))
+            demo = parent if os.path.isfile(os.path.join(parent, "manifest.json")) else None
+        elif str(demo).lower() == "none":
+            demo = None
+        return {"anatomy_finetune": AnatomyFinetune(cfg.path, demo, cfg.cache_dir)}
 
     def init_strategies(self) -> Dict[str, Strategy]:
         from anatomy_vlm.uncertainty import UncertaintyCache

@@ -7,7 +7,11 @@
   :mod:`anatomy_vlm.labels`): validated against the image's size and geometry (400 with the reason), merged
   with the image's current box label (regions not touched keep their boxes; touched ones are listed as
   confirmed with who and when), and stored as ``labels/boxes/<id>.boxes.json``;
-* a NIfTI mask label must have the image's size (400 otherwise).
+* a NIfTI mask label must have the image's size (400 otherwise): ``(29, H, W)`` region masks or an
+  ``(H, W)`` label map of region ids. A ``final`` mask label is a mask correction: the regions it corrects
+  (``regions`` in the request's ``params``, default every region with a non-empty mask) are confirmed
+  in the box label with their masks' bounding boxes and listed under ``confirmed_masks``, so the trainer
+  learns those masks (and only those).
 
 Files are written to a temporary name in the label folder and renamed, under the datastore's lock, so a
 reader never sees a half-written label and a crash leaves the previous one intact. MONAI Label's own
@@ -55,10 +59,41 @@ class AnatomyDatastore(LocalDatastore):
             # box corrections live under the "boxes" tag; the stock panel's default tag is "final"
             tag = BOX_TAG if label_tag in (None, "", "final") else label_tag
             return self._save_boxes(image_id, image_path, label_filename, tag, label_info, obj)
+        ext = self._to_id(os.path.basename(label_filename))[1]
         if name.endswith((".nii", ".nii.gz")):
             self._check_nifti(image_path, label_filename)
-        ext = self._to_id(os.path.basename(label_filename))[1]
+            if (label_tag or "final") == "final":
+                return self._save_masks(image_id, label_filename, ext, label_info, obj)
         return self._store(image_id, obj, label_filename, label_tag or "final", ext, label_info)
+
+    # -- masks -----------------------------------------------------------------------------------------
+    def _save_masks(self, image_id, label_filename, ext, label_info, obj) -> str:
+        """A corrected mask label (``final``): stored atomically, and the regions it corrects (``regions``
+        in the request's params, default every non-empty one) are confirmed in the box label with their
+        masks' boxes and listed under ``confirmed_masks``, both under one lock."""
+        from anatomy_vlm.io import ImageReadError, read_region_masks
+        from anatomy_vlm.labels import check_mask_shape, mask_correction
+
+        try:
+            masks = read_region_masks(label_filename)
+        except ImageReadError as e:
+            raise HTTPException(status_code=400, detail=f"the mask label cannot be read: {e}") from None
+        masks = masks[0] if masks.shape[0] == 1 else masks
+        try:
+            if masks.ndim == 2:  # a label map: read_region_masks gave booleans; re-read the values
+                import nibabel as nib
+                import numpy as np
+
+                masks = np.asarray(nib.load(label_filename).dataobj).squeeze().T.astype(np.int64)
+            check_mask_shape(masks, masks.shape[-2:])
+            corr = mask_correction(masks, label_info.get("regions") or None)
+        except LabelError as e:
+            raise HTTPException(status_code=400, detail=f"mask label: {e}") from None
+        user = str(label_info.get("user") or label_info.get("client_id") or "unknown")
+        when = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        with FileLock(self._lock_file):
+            self._store(image_id, obj, label_filename, "final", ext, dict(label_info, user=user), locked=True)
+            return self._merge_boxes(image_id, obj, BOX_TAG, corr, user, when, dict(label_info), masks=True)
 
     # -- boxes ---------------------------------------------------------------------------------------
     def _save_boxes(self, image_id, image_path, label_filename, tag, label_info, obj) -> str:
@@ -79,23 +114,27 @@ class AnatomyDatastore(LocalDatastore):
         user = str(label_info.get("user") or label_info.get("client_id") or "unknown")
         when = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         with FileLock(self._lock_file):
-            previous = None
-            current = os.path.join(self._datastore.label_path(tag), self._filename(image_id, BOX_EXT))
-            if os.path.isfile(current):
-                try:
-                    with open(current) as fh:
-                        previous = json.load(fh)
-                except (OSError, ValueError):
-                    logger.warning(f"{current}: unreadable previous box label, replaced by the correction")
-            merged = merge_box_label(previous, corr, image_id, user, when)
-            fd, tmp = tempfile.mkstemp(suffix=BOX_EXT)
-            with os.fdopen(fd, "w") as fh:
-                json.dump(merged, fh, indent=1)
+            return self._merge_boxes(image_id, obj, tag, corr, user, when, label_info)
+
+    def _merge_boxes(self, image_id, obj, tag, corr, user, when, label_info, masks: bool = False) -> str:
+        """Merge a box correction into the stored box label (call with the datastore lock held)."""
+        previous = None
+        current = os.path.join(self._datastore.label_path(tag), self._filename(image_id, BOX_EXT))
+        if os.path.isfile(current):
             try:
-                label_info.update({"confirmed_regions": corr.regions, "user": user})
-                return self._store(image_id, obj, tmp, tag, BOX_EXT, label_info, locked=True)
-            finally:
-                os.unlink(tmp)
+                with open(current) as fh:
+                    previous = json.load(fh)
+            except (OSError, ValueError):
+                logger.warning(f"{current}: unreadable previous box label, replaced by the correction")
+        merged = merge_box_label(previous, corr, image_id, user, when, masks=masks)
+        fd, tmp = tempfile.mkstemp(suffix=BOX_EXT)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(merged, fh, indent=1)
+        try:
+            label_info.update({"confirmed_regions": corr.regions, "user": user})
+            return self._store(image_id, obj, tmp, tag, BOX_EXT, label_info, locked=True)
+        finally:
+            os.unlink(tmp)
 
     @staticmethod
     def _check_nifti(image_path: str, label_filename: str) -> None:
