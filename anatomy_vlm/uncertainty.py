@@ -6,9 +6,12 @@ the anatomy they agree; where it does not (an unusual pose, exposure, a device, 
 apart. Per region::
 
     u_k = (1 - IoU(decoder box, refined box)) + (1 - IoU(refined box, mask box)) + H(presence_k)
+          + mean H(mask_k) over the region's support
 
-with ``H`` the binary entropy (bits) of the presence score; the image's uncertainty is the mean over the
-regions. Scores are cached per (model version, image digest) in a small JSON file, so a strategy can rank
+with ``H`` the binary entropy (bits) of the presence score and of each mask pixel's probability (averaged
+over the pixels where the probability exceeds 0.1: a crisp mask scores near 0, a fuzzy one near 1); the
+image's uncertainty is the mean over the regions. (Without a box refiner, the dense-head checkpoints,
+the first term is 0 and the decoder's box is compared with the mask's.) Scores are cached per (model version, image digest) in a small JSON file, so a strategy can rank
 a whole datastore without recomputing what it has seen; a new checkpoint is a new model version.
 """
 
@@ -53,10 +56,15 @@ def image_uncertainty(predictor: Any, image: str | os.PathLike) -> dict[str, Any
     d_mask = np.where(empty, 1.0, 1.0 - _iou(refined, mb))
     p = out.scores[0].numpy().clip(1e-6, 1 - 1e-6)
     ent = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
-    per = d_dec + d_mask + ent
+    q = torch.sigmoid(out.masks[0].float()).clamp(1e-6, 1 - 1e-6)
+    hq = -(q * torch.log2(q) + (1 - q) * torch.log2(1 - q))
+    support = q > 0.1
+    m_ent = ((hq * support).flatten(1).sum(-1) / support.flatten(1).sum(-1).clamp(min=1)).numpy()
+    m_ent = np.where(support.flatten(1).any(-1).numpy(), m_ent, 1.0)
+    per = d_dec + d_mask + ent + m_ent
     return {"score": float(per.mean()), "per_region": [round(float(v), 4) for v in per],
             "parts": {"decoder_vs_refined": float(d_dec.mean()), "refined_vs_mask": float(d_mask.mean()),
-                      "presence_entropy": float(ent.mean())}}
+                      "presence_entropy": float(ent.mean()), "mask_entropy": float(m_ent.mean())}}
 
 
 _CKPT_VERSIONS: dict[tuple[str, int, int], str] = {}

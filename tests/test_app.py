@@ -476,3 +476,25 @@ def test_concurrent_corrections_from_separate_clients_are_all_stored_whole(live_
     # every save landed: each (image, region) pair touched is confirmed (no lost update)
     expected = {(images[k % len(images)], 1 + k % NUM_REGIONS) for k in range(50)}
     assert confirmed >= len(expected)
+
+
+def test_dicom_seg_and_sr_outputs(client, with_shipped, demo_studies, tmp_path):
+    import pydicom
+
+    dcm = demo_studies.ids(".dcm")[0]
+    r = client.post("/infer/anatomy_segmentation", params={"image": dcm, "output": "image"},
+                    data={"params": json.dumps({"label_format": "dcm", "regions": "right lung,left lung"})})
+    assert r.status_code == 200, r.text
+    (tmp_path / "seg.dcm").write_bytes(r.content)
+    seg = pydicom.dcmread(str(tmp_path / "seg.dcm"))
+    assert seg.Modality == "SEG" and [s.SegmentLabel for s in seg.SegmentSequence] == ["right lung", "left lung"]
+    r = client.post("/infer/anatomy_detection", params={"image": dcm},
+                    data={"params": json.dumps({"label_format": "dcm"})})
+    assert r.status_code == 200, r.text
+    parts = _multipart(r)
+    assert json.loads(parts["params"][1])["format"] == "dicom-sr" and json.loads(parts["params"][1])["findings"]
+    (tmp_path / "sr.dcm").write_bytes(parts["file"][1])
+    assert pydicom.dcmread(str(tmp_path / "sr.dcm")).Modality == "SR"
+    r = client.post("/infer/anatomy_segmentation", params={"image": demo_studies.ids(".png")[0]},
+                    data={"params": json.dumps({"label_format": "dcm"})})
+    assert r.status_code == 400 and "needs a DICOM image" in r.json()["detail"]

@@ -200,3 +200,16 @@ def test_costophrenic_angles_are_lateral(labelled):
             lung_c = _centroid(_m(masks, f"{side} lung"))[1]
             cp_c = _centroid(_m(masks, f"{side} costophrenic angle"))[1]
             assert sign * (cp_c - lung_c) > 0, (s["id"], side)
+
+
+def test_a_whole_build_can_be_drawn_from_the_shifted_bands(tmp_path):
+    """``split="test"`` draws every study outside the training ranges: the annotation-session bench's
+    target domain."""
+    from anatomy_vlm.demo import build_demo
+
+    m = read_json(build_demo(tmp_path / "t", n=2, seed=3, size=64, progress=False, split="test"))
+    assert [s["split"] for s in m["studies"] if s["id"] != "real_rg1_uncr"] == ["test", "test"]
+    import pytest
+
+    with pytest.raises(ValueError, match="split must be train, val or test"):
+        build_demo(tmp_path / "u", n=2, size=64, progress=False, split="holdout")

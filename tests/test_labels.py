@@ -93,3 +93,28 @@ def test_ids_and_mask_shapes():
         check_mask_shape(np.zeros((NUM_REGIONS, SHAPE[1], SHAPE[0]), bool), SHAPE)
     with pytest.raises(LabelError, match="0..29"):
         check_mask_shape(np.full(SHAPE, 30, np.uint8), SHAPE)
+
+
+def test_mask_corrections_give_boxes_absences_and_confirmed_masks():
+    from anatomy_vlm.labels import mask_correction
+
+    H, W = 40, 50
+    stack = np.zeros((NUM_REGIONS, H, W), bool)
+    stack[0, 5:20, 3:11] = True  # right lung: rows 5-19, columns 3-10
+    stack[28, 30:35, 0:50] = True  # abdomen
+    corr = mask_correction(stack)
+    assert corr.boxes == {"right lung": [3.0, 5.0, 11.0, 20.0], "abdomen": [0.0, 30.0, 50.0, 35.0]}
+    assert corr.absent == []
+    named = mask_correction(stack, ["right lung", "trachea"])
+    assert set(named.boxes) == {"right lung"} and named.absent == ["trachea"]
+    labelmap = np.zeros((H, W), np.int64)
+    labelmap[5:20, 3:11] = 1
+    assert mask_correction(labelmap).boxes == {"right lung": [3.0, 5.0, 11.0, 20.0]}
+    with pytest.raises(LabelError, match="unknown region"):
+        mask_correction(stack, ["spleen"])
+    first = merge_box_label(None, named, "img", "ann", "t0", masks=True)
+    assert first["confirmed_masks"] == ["right lung", "trachea"]
+    later = merge_box_label(first, parse_box_correction({"regions": [{"name": "carina", "box": [1, 1, 4, 4]}]},
+                                                        (H, W)), "img", "ann", "t1")
+    assert later["confirmed_masks"] == ["right lung", "trachea"]  # a box-only correction adds no mask
+    assert set(later["confirmed"]) == {"right lung", "trachea", "carina"}

@@ -350,7 +350,7 @@ def _copy_real_cr(out: Path) -> list[dict]:
 
 
 def build_demo(out: str | Path, n: int = 200, seed: int = 0, size: int = 512, progress: bool = True,
-               workers: int = 1) -> Path:
+               workers: int = 1, split: str | None = None) -> Path:
     """Build ``n`` demo studies into ``out`` (layout in the module docstring).
 
     Args:
@@ -360,6 +360,8 @@ def build_demo(out: str | Path, n: int = 200, seed: int = 0, size: int = 512, pr
         size: Long side of the images in pixels.
         progress: Show a progress bar on stderr.
         workers: Processes (each with one torch thread); 1 = in-process with torch's threads.
+        split: Draw every study as this split (``"test"``: all from the bands outside the training
+            ranges, a shifted domain); default the usual train/val/test mix.
 
     Returns:
         Path of ``manifest.json``, written last and atomically: its presence means the build finished.
@@ -373,7 +375,9 @@ def build_demo(out: str | Path, n: int = 200, seed: int = 0, size: int = 512, pr
     out = Path(out)
     for d in ("studies/labels/final", "studies/labels/boxes", "dicom", "png"):
         (out / d).mkdir(parents=True, exist_ok=True)
-    splits = _split_of(n, seed)
+    if split is not None and split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    splits = _split_of(n, seed) if split is None else [split] * n
     t0 = time.time()
     entries: list[dict] = [None] * n  # type: ignore[list-item]
     from tqdm import tqdm

@@ -16,4 +16,4 @@ class AnatomyDetection(AnatomyTaskConfig):
         "Anatomy-VLM: one box per chest X-ray region (29 Chest ImaGenome regions), "
         "[x0, y0, x1, y1] pixels with scores"
     )
-    infer_config = {"regions": "", "refine_boxes": False}
+    infer_config = {"regions": "", "refine_boxes": False, "label_format": ["json", "dcm"]}

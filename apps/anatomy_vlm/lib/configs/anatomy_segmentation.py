@@ -15,4 +15,4 @@ class AnatomySegmentation(AnatomyTaskConfig):
         "Anatomy-VLM: one mask per chest X-ray region (29 Chest ImaGenome regions; regions overlap, "
         "e.g. zones inside a lung)"
     )
-    infer_config = {"regions": "", "label_format": ["seg.nrrd", "nii.gz"]}
+    infer_config = {"regions": "", "label_format": ["seg.nrrd", "nii.gz", "dcm"]}

@@ -37,7 +37,10 @@ smallest region wins where regions overlap). Both are placed with the image geom
 image file, which is how Slicer loads the image (``anatomy_vlm.predict.ImageGeometry``).
 
 Request parameters: ``regions`` (list or comma-separated names; default all), ``label_format``
-(segmentation), ``refine_boxes`` (detection: mask-refined boxes, slower). Bad requests get HTTP 4xx
+(segmentation: ``seg.nrrd``, ``nii.gz`` or ``dcm`` = DICOM SEG; detection: ``json`` = the Slicer ROI
+file or ``dcm`` = a DICOM SR measurement report with the boxes and, with a language stage, each region's
+top findings; ``dcm`` needs a DICOM image, :mod:`anatomy_vlm.dicom_out`), ``refine_boxes`` (detection:
+mask-refined boxes, slower). Bad requests get HTTP 4xx
 JSON errors (:class:`InferRequestError`): unknown image id 404, unknown region 400, unreadable image 422.
 """
 
@@ -56,7 +59,28 @@ from .errors import CheckpointUnusableError, InferRequestError, NoCheckpointErro
 
 logger = logging.getLogger(__name__)
 
-LABEL_FORMATS = ("seg.nrrd", "nii.gz")
+LABEL_FORMATS = ("seg.nrrd", "nii.gz", "dcm")
+"""Segmentation outputs: multi-layer .seg.nrrd, flat label map, DICOM SEG (DICOM sources only)."""
+DETECTION_FORMATS = ("json", "dcm")
+"""Detection outputs: Slicer ROI markups JSON, DICOM SR measurement report (DICOM sources only)."""
+
+
+def label_format(req: Dict[str, Any], formats: Sequence[str]) -> str:
+    """The request's ``label_format`` among ``formats`` (default the first); 400 otherwise."""
+    fmt = req.get("label_format")
+    fmt = (fmt[0] if fmt else None) if isinstance(fmt, (list, tuple)) else fmt  # /info default: a list
+    fmt = str(fmt or formats[0]).lstrip(".")
+    if fmt not in formats:
+        raise InferRequestError(f"unknown label_format {fmt!r}; choose one of {list(formats)}", 400)
+    return fmt
+
+
+def _is_dicom(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 class SharedPredictor:
@@ -204,14 +228,15 @@ class AnatomyInfer(BasicInferTask):
         req = self.request(request)
         image = self.image_path(req)
         indices = self.region_indices(req)
-        fmt = req.get("label_format")
-        fmt = (fmt[0] if fmt else None) if isinstance(fmt, (list, tuple)) else fmt  # /info default: a list
-        fmt = str(fmt or LABEL_FORMATS[0]).lstrip(".")
-        if fmt not in LABEL_FORMATS:
-            raise InferRequestError(f"unknown label_format {fmt!r}; choose one of {list(LABEL_FORMATS)}", 400)
         detection = self.type == InferType.DETECTION
+        fmt = label_format(req, DETECTION_FORMATS if detection else LABEL_FORMATS)
+        if fmt == "dcm" and not _is_dicom(image):
+            raise InferRequestError("label_format dcm (DICOM SEG / SR) needs a DICOM image; this one is "
+                                    f"{os.path.basename(image)}", 400)
         refine = str(req.get("refine_boxes", False)).lower() in ("1", "true", "yes")
-        pred = self.run_predict(predictor, image, with_masks=(not detection) or refine, regions=[i + 1 for i in indices])
+        align = detection and fmt == "dcm" and predictor.has_language  # findings go into the SR
+        pred = self.run_predict(predictor, image, with_masks=(not detection) or refine, regions=[i + 1 for i in indices],
+                                align=align)
         geometry = image_geometry(image, pred.image_shape)
         result = pred.to_json()
         result.update({
@@ -221,6 +246,24 @@ class AnatomyInfer(BasicInferTask):
             "scores": [r["score"] for r in result["regions"]],
             "latencies": pred.timing,
         })
+        if fmt == "dcm":
+            from anatomy_vlm import dicom_out
+
+            fd, out = tempfile.mkstemp(suffix=".dcm", prefix=f"{self.name}_")
+            os.close(fd)
+            if detection:
+                found = None
+                if align:
+                    from anatomy_vlm.findings import region_findings
+
+                    found = region_findings(pred, predictor.language(), top_k=3)
+                    result["findings"] = found["findings"]
+                dicom_out.write_sr(pred, image, out, found)
+                result["format"] = "dicom-sr"
+            else:
+                dicom_out.write_seg(pred, image, out)
+                result["format"] = "dicom-seg"
+            return out, result
         if detection:
             fd, out = tempfile.mkstemp(suffix=".json", prefix="anatomy_detection_")
             os.close(fd)

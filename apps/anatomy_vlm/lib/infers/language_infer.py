@@ -23,7 +23,7 @@ import os
 import tempfile
 from typing import Any, Dict, Tuple, Union
 
-from .anatomy_infer import AnatomyInfer
+from .anatomy_infer import AnatomyInfer, label_format
 from .errors import InferRequestError, PredictorMissingError
 
 GROUNDING_FORMATS = ("heatmap.nii.gz", "seg.nrrd")
@@ -101,11 +101,7 @@ class TextGroundingInfer(LanguageInfer):
         except ValueError as e:
             raise InferRequestError(f"sentence: {e}", 400) from e
         top_k = _int_param(req, "top_k", 3, 1, 29)
-        fmt = req.get("label_format")
-        fmt = (fmt[0] if fmt else None) if isinstance(fmt, (list, tuple)) else fmt
-        fmt = str(fmt or GROUNDING_FORMATS[0]).lstrip(".")
-        if fmt not in GROUNDING_FORMATS:
-            raise InferRequestError(f"unknown label_format {fmt!r}; choose one of {list(GROUNDING_FORMATS)}", 400)
+        fmt = label_format(req, GROUNDING_FORMATS)
         scorer = self.language(predictor)
         pred = self.run_predict(predictor, image, with_masks=True, align=True)
         result, probs = ground_sentence(pred, scorer, sentence, top_k=top_k)
