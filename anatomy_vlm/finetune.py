@@ -42,6 +42,7 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
     "epochs": 4, "batch_size": 8, "lr": 3e-4, "lr_min": 1e-5, "replay_n": 16, "replay_seed": 0,
     "val_fraction": 0.2, "min_heldout_from": 5, "encoder_blocks": 0, "tolerance": 0.02,
     "demo_val_n": 30, "min_corrected": 1, "threads": 2, "mask_every": 1,
+    "feature_affine": None, "image_jitter": None,
 }
 """Settings of a round (the trainer's ``config`` in ``/info``; request values override them)."""
 
@@ -98,6 +99,18 @@ class ModelVersions:
             idx = self.index()
             idx["versions"].append({"version": version, "file": f"{version}.pt", "created": _now(), "parent": parent,
                                     "promoted": None, "metrics": metrics, "note": note})
+            self._save(idx)
+
+    def entry(self, version: str | None) -> dict[str, Any] | None:
+        return next((v for v in self.index()["versions"] if v["version"] == version), None)
+
+    def update_metrics(self, version: str, metrics: dict[str, Any]) -> None:
+        """Merge ``metrics`` into a version's recorded figures."""
+        with _LOCK:
+            idx = self.index()
+            for v in idx["versions"]:
+                if v["version"] == version:
+                    v["metrics"] = dict(v.get("metrics") or {}, **metrics)
             self._save(idx)
 
     def serve(self, version: str, note: str | None = None) -> None:
@@ -229,7 +242,8 @@ def finetune_round(studies: str | os.PathLike, served: str | os.PathLike, demo_r
                   "lr_min": float(cfg["lr_min"]), "val_every": max(1, int(cfg["epochs"])),
                   "init_checkpoint": str(served), "cache_dir": str(cache_dir) if cache_dir else None,
                   "threads": int(cfg["threads"]), "mask_every": int(cfg["mask_every"]), "augment_copies": 0,
-                  "encoder_trainable_blocks": int(cfg["encoder_blocks"]) or None},
+                  "encoder_trainable_blocks": int(cfg["encoder_blocks"]) or None,
+                  "feature_affine": cfg["feature_affine"], "image_jitter": cfg["image_jitter"]},
         "output": {"checkpoint": str(path), "run_dir": str(run), "weights_dtype": "float16"},
     })
     report({"stage": "training", "version": version, "corrected_train": len(train_ids), "heldout": len(held)})
@@ -245,13 +259,22 @@ def finetune_round(studies: str | os.PathLike, served: str | os.PathLike, demo_r
     report({"stage": "validating", "version": version})
     held_ds = CorrectionsDataset(studies, held) if held else None
     metrics: dict[str, dict[str, Any]] = {}
+    n_val = int(cfg["demo_val_n"])
+    known = (versions.entry(parent) or {}).get("metrics") or {}
     for name, ckpt in (("candidate", path), ("previous", served)):
         p = Predictor.from_checkpoint(ckpt, cache_dir=cache_dir)
-        metrics[name] = {"heldout_iou": _heldout_iou(p, held_ds) if held_ds is not None else None,
-                         "demo_val_map": _demo_map(p, demo_root, int(cfg["demo_val_n"])) if demo_root else None}
+        m = {"heldout_iou": _heldout_iou(p, held_ds) if held_ds is not None else None}
+        if name == "previous" and known.get("demo_val_n") == n_val and "demo_val_map" in known:
+            m["demo_val_map"] = known["demo_val_map"]  # the served version's figure, measured when it was made
+        else:
+            m["demo_val_map"] = _demo_map(p, demo_root, n_val) if demo_root else None
+        m["demo_val_n"] = n_val
+        metrics[name] = m
+    if parent and "demo_val_map" not in known:
+        versions.update_metrics(parent, {"demo_val_map": metrics["previous"]["demo_val_map"], "demo_val_n": n_val})
     t3 = time.perf_counter()
     tol = float(cfg["tolerance"])
-    worse = [k for k in ("heldout_iou", "demo_val_map")
+    worse = [k for k in ("heldout_iou", "demo_val_map")  # (held-out studies change as corrections arrive)
              if metrics["candidate"][k] is not None and metrics["previous"][k] is not None
              and metrics["candidate"][k] < metrics["previous"][k] - tol]
     promote = not worse

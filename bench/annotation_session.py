@@ -95,7 +95,7 @@ def _session(strategy: str, seed: int, a, pool: Path, heldout: Path, work: Path,
         for i in pick:
             _correct_from_truth(studies, i)
             unlabelled.remove(i)
-        res = finetune_round(studies, served, a.demo, {"replay_seed": seed * 100 + r}, cache_dir=a.cache)
+        res = finetune_round(studies, served, a.demo, dict(a.settings, replay_seed=seed * 100 + r), cache_dir=a.cache)
         ev = _evaluate(Predictor.from_checkpoint(served, cache_dir=a.cache), heldout)
         n = a.k * (r + 1)
         curve.append(dict(ev, corrected=n))
@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--strategies", nargs="+", default=["region_uncertainty", "random"])
     p.add_argument("--out", default=str(ROOT / "docs/results/annotation_session.json"))
     p.add_argument("--plot", default=str(ROOT / "docs/annotation_session.png"))
+    p.add_argument("--settings", type=json.loads, default={},
+                   help="fine-tuning settings (JSON, anatomy_vlm.finetune.FINETUNE_DEFAULTS keys)")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     work = Path(a.work)
@@ -207,7 +209,7 @@ def main(argv=None) -> int:
     out = {"data": "target domain: demo-builder projections of the real chest CT, all drawn outside the "
                    f"pretraining ranges (pool seed 1000, n={a.pool}; held-out seed 2000, n={a.heldout}); "
                    "forgetting: the demo test split",
-           "start": start, "start_demo_test_map": start_demo, "k": a.k, "rounds": a.rounds, "seeds": a.seeds,
+           "settings": a.settings, "start": start, "start_demo_test_map": start_demo, "k": a.k, "rounds": a.rounds, "seeds": a.seeds,
            "summary": summary, "round_at_10_corrected_seconds": [r["seconds"] for r in ten],
            "sessions": sessions, "seconds": round(time.time() - t0, 1),
            "command": "python bench/annotation_session.py " + " ".join(argv or sys.argv[1:])}

@@ -107,6 +107,7 @@ def test_a_round_writes_a_version_and_serves_it_only_past_the_gate(demo_studies,
     versions = ModelVersions(served)
     assert [v["version"] for v in versions.index()["versions"]] == ["v0001", "v0002"]
     assert versions.served() == "v0001"
+    assert versions.entry("v0001")["metrics"]["demo_val_n"] == 2  # the served model's figure, kept for reuse
 
     res = finetune_round(studies, served, demo_studies.root, dict(fast, tolerance=1.0), cache_dir=tmp_path / "cache")
     assert res["version"] == "v0003" and res["promoted"] and versions.served() == "v0003"
