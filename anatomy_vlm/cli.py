@@ -158,6 +158,29 @@ def _parse_reports(a: argparse.Namespace) -> int:
     return 0
 
 
+def _versions(a: argparse.Namespace) -> int:
+    import json
+
+    from .finetune import ModelVersions
+
+    v = ModelVersions(a.checkpoint)
+    if a.restore:
+        v.restore(a.restore)
+        print(f"serving {a.restore} at {a.checkpoint}", file=sys.stderr)
+    idx = v.index()
+    if a.json:
+        print(json.dumps(idx, indent=1))
+        return 0
+    print(f"{'version':<8} {'served':<6} {'created':<25} {'parent':<7} {'demo val mAP':>12} {'held-out IoU':>12}  note")
+    for e in idx["versions"]:
+        m = e.get("metrics") or {}
+        f = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
+        print(f"{e['version']:<8} {'*' if e['version'] == idx['served'] else '':<6} {str(e.get('created')):<25} "
+              f"{str(e.get('parent') or ''):<7} {f(m.get('demo_val_map')):>12} {f(m.get('heldout_iou')):>12}  "
+              f"{e.get('note', '')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anatomy-vlm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -218,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-cache", action="store_true", help=argparse.SUPPRESS)
     pr.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     pr.set_defaults(func=_predict)
+    v = sub.add_parser("versions", help="list the served checkpoint's fine-tuned versions, or restore one")
+    v.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                   help="the served checkpoint (versions live in versions/ next to it)")
+    v.add_argument("--restore", metavar="VERSION", help="serve this version again (e.g. v0001)")
+    v.add_argument("--json", action="store_true", help="print the version index as JSON")
+    v.set_defaults(func=_versions)
     rp = sub.add_parser("parse-reports", help="report sentences -> (regions, finding, negated); measure the parser")
     rp.add_argument("--text", help="parse this report text and print the mentions as JSON")
     rp.add_argument("--iu", action="store_true", help="run over the IU X-ray reports bundled in torchxrayvision")

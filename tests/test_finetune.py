@@ -140,3 +140,27 @@ def test_box_only_corrections_train_the_masks_through_the_projection_loss():
     assert float(losses["loss_mask_proj"].detach()) > 0.1 and float(losses["loss_mask_dice"].detach()) == 0.0
     losses["loss"].backward()
     assert pred["mask_logits"].grad.abs().sum() > 0
+
+
+def test_versions_cli_lists_and_restores(tmp_path, capsys):
+    from anatomy_vlm.cli import main
+    from anatomy_vlm.finetune import ModelVersions
+
+    served = tmp_path / "model" / "anatomy_vlm.pt"
+    torch.manual_seed(0)
+    save_checkpoint(served, build_model(TINY), {"data": "test"})
+    first = served.read_bytes()
+    v = ModelVersions(served)
+    name, path = v.next_path()
+    torch.manual_seed(1)
+    save_checkpoint(path, build_model(TINY), {"data": "test 2"})
+    v.add(name, "v0001", {"demo_val_map": 0.5})
+    v.serve(name)
+    assert served.read_bytes() != first
+    assert main(["versions", "--checkpoint", str(served)]) == 0
+    out = capsys.readouterr().out
+    assert "v0001" in out and "v0002" in out and "0.500" in out
+    assert main(["versions", "--checkpoint", str(served), "--restore", "v0001", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["served"] == "v0001" and served.read_bytes() == first
+    assert main(["versions", "--checkpoint", str(served), "--restore", "v7"]) == 2  # a clear error, no traceback
+    assert "unknown model version 'v7'" in capsys.readouterr().err
