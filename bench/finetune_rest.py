@@ -18,23 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from server import Server  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> int:
@@ -55,25 +49,9 @@ def main(argv=None) -> int:
     shutil.copytree(ROOT / "apps/anatomy_vlm", app, ignore=shutil.ignore_patterns("model", "logs", "bin"))
     (app / "model").mkdir()
     shutil.copy2(a.checkpoint, app / "model" / "anatomy_vlm.pt")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    log = (tmp / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies",
-                             str(demo / "studies"), "--host", "127.0.0.1", "--port", str(port),
-                             "--conf", "embedding_cache", a.cache, "--conf", "prefetch_lookahead", "0"],
-                            cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(app, demo / "studies", tmp, {"embedding_cache": a.cache, "prefetch_lookahead": 0})
+    url = server.url
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if requests.get(f"{url}/info/", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"server did not start; log: {tmp / 'server.log'}")
-            time.sleep(1)
         manifest = json.loads((demo / "manifest.json").read_text())
         train_ids = [s["id"] for s in manifest["studies"] if s.get("split") == "train"]
         # corrections on studies outside the replay sample's likely picks do not matter: all are demo train
@@ -110,12 +88,7 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - t0
         stats = requests.get(f"{url}/info/", timeout=30).json().get("train_stats", {}).get("anatomy_finetune", {})
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop()
     res = {"data": f"{a.n} demo training studies (projected from the real chest CT) corrected from their ground "
                    "truth masks; replay and validation from the demo studies",
            "status": st.get("status"), "round_wall_s": round(wall, 1),

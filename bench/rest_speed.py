@@ -25,9 +25,7 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from predict_speed import matmul_peak  # noqa: E402  (same-run baseline, one definition)
+from server import Server  # noqa: E402
 
 
 PROMPTS = ["consolidation", "pleural effusion", "cardiomegaly", "pneumothorax", "nodule", "mass", "atelectasis",
@@ -82,11 +81,6 @@ def encoder_figures(repeats: int = 5) -> tuple[float, float, float, str]:
     backend = "pytorch" if fast is enc else "onnxruntime"
     return counter.get_total_flops() / 1e9, med(enc), med(fast), backend
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _studies(tmp: Path, demo: Path, n_fresh: int) -> tuple[Path, str, list[str]]:
@@ -132,26 +126,11 @@ def main(argv=None) -> int:
     fresh, fresh_lang = fresh[:a.repeats + 1], fresh[a.repeats + 1:]
     app_copy = tmp / "app"  # the server writes logs/ and bin/ into the app folder: keep the repo clean
     shutil.copytree(ROOT / "apps/anatomy_vlm", app_copy, ignore=shutil.ignore_patterns("model", "logs", "bin"))
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_copy), "--studies",
-           str(studies), "--host", "127.0.0.1", "--port", str(port), "--conf", "checkpoint", a.checkpoint,
-           "--conf", "embedding_cache", str(tmp / "cache"), "--conf", "prefetch_lookahead", "0"]
-    log = (tmp / "server.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server = Server(app_copy, studies, tmp, {"checkpoint": a.checkpoint, "embedding_cache": tmp / "cache",
+                                             "prefetch_lookahead": 0})
+    url = server.url
+    proc = server.proc
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if requests.get(f"{url}/info/", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"server did not start; log: {tmp / 'server.log'}")
-            time.sleep(1)
-
         def infer(task: str, image: str, params: dict | None = None) -> float:
             t = time.perf_counter()
             r = requests.post(f"{url}/infer/{task}", params={"image": image}, timeout=600,
@@ -174,12 +153,7 @@ def main(argv=None) -> int:
                   for _ in range(a.repeats)]
         rss = _rss_mb(proc.pid)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop()
     p50 = statistics.median
     res = {
         "data": "warm: a demo study (projected from the real chest CT), 512 px; never-seen: a demo radiograph "
