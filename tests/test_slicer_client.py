@@ -116,3 +116,35 @@ def test_an_unreachable_server_is_a_clear_error():
         AnatomyVLMClient(f"http://127.0.0.1:{_free_port()}", timeout=5).info()
     with pytest.raises(ClientError, match="must start with http"):
         AnatomyVLMClient("127.0.0.1:8000")
+
+
+# ---- the module's widget file and view helpers (no Slicer needed) ---------------------------------------
+MODULE = REPO / "slicer_module" / "AnatomyVLM"
+
+
+def test_every_widget_the_module_uses_is_in_the_ui_file():
+    import re
+    import xml.etree.ElementTree as ET
+
+    tree = ET.parse(MODULE / "Resources" / "UI" / "AnatomyVLM.ui")
+    names = {w.get("name"): w.get("class") for w in tree.iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "AnatomyVLM.py").read_text()))
+    assert used and used <= set(names), sorted(used - set(names))
+    assert names["regionsTable"] == "QTableWidget" and names["trainProgress"] == "QProgressBar"
+
+
+def test_view_helpers_from_real_answers(client, image):
+    from AnatomyVLMLib import grounding_emphasis, image_finding_rows, region_rows, training_progress
+
+    det = client.detect(image).json
+    f = client.findings(image, top_k=2)
+    rows = region_rows(det, f)
+    assert [r[0] for r in rows] == list(REGION_NAMES) and all(r[2].count(",") == 1 for r in rows)
+    img = image_finding_rows(f)
+    assert len(img) == 7 and [float(r[1]) for r in img] == sorted((float(r[1]) for r in img), reverse=True)
+    g = grounding_emphasis(client.ground(image, "Enlarged cardiac silhouette.").json)
+    assert len(g) == 3 and max(g.values()) == 1.0 and all(0 < v <= 1 for v in g.values())
+    assert training_progress({}) == (0, "No training yet.")
+    assert training_progress({"stage": "training", "version": "v0003"}) == (30, "training v0003")
+    assert training_progress({"stage": "done", "version": "v0003", "promoted": False, "reason": "x"})[1] == \
+        "v0003 kept back (x)"
