@@ -57,10 +57,12 @@ class LiveServer:
             self.proc.wait(timeout=20)
 
 
-def launch_server(app_src: Path, studies: Path, base: Path, conf: dict | None = None,
-                  checkpoint: Path | None = None) -> LiveServer:
+def launch_server(app_src: Path, studies: Path | None, base: Path, conf: dict | None = None,
+                  checkpoint: Path | None = None, studies_url: str | None = None) -> LiveServer:
     """Start a server on a copy of the app (start_server writes model/, logs/, bin/ into the app folder; the
-    copy keeps the repository clean), with ``checkpoint`` copied into the copy's ``model/`` if given."""
+    copy keeps the repository clean), with ``checkpoint`` copied into the copy's ``model/`` if given;
+    ``studies_url`` (a DICOMweb URL) instead of a studies folder."""
+    base.mkdir(parents=True, exist_ok=True)
     app_dir = base / "app"
     shutil.copytree(app_src, app_dir, ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin"))
     if checkpoint is not None:
@@ -78,7 +80,7 @@ def launch_server(app_src: Path, studies: Path, base: Path, conf: dict | None = 
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir),
-             "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port), *args],
+             "--studies", studies_url or str(studies), "--host", "127.0.0.1", "--port", str(port), *args],
             cwd=base, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     return LiveServer(proc, f"http://127.0.0.1:{port}", log, app_dir, studies)

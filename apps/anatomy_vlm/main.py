@@ -126,7 +126,10 @@ class AnatomyVLMApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            from lib.datastore import radiograph_dicomweb_datastore
+
+            logger.info(f"DICOMweb datastore (DX and CR series): {self.studies}")
+            return radiograph_dicomweb_datastore(self.studies)
         extensions = datastore_extensions(settings.MONAI_LABEL_DATASTORE_FILE_EXT)
         logger.info(f"Init local datastore for: {self.studies}; extensions: {extensions}")
         return AnatomyDatastore(

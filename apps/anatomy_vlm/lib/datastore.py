@@ -187,3 +187,68 @@ class AnatomyDatastore(LocalDatastore):
         obj.labels[tag] = DataModel(info=label_info, ext=ext)
         self._update_datastore_file(lock=False)
         return image_id
+
+
+# ---- DICOMweb (Orthanc, any PACS with QIDO/WADO/STOW) ------------------------------------------------------
+def radiograph_dicomweb_datastore(url: str):
+    """MONAI Label's DICOMweb datastore for chest radiographs: DX and CR series are the images (MONAI
+    Label's default search lists CT only, and QIDO servers such as Orthanc do not match a list of
+    modalities in one query), DICOM files are kept as they are (no NIfTI conversion: the app reads DICOM
+    itself and references the instances from its SEG and SR)."""
+    from cachetools import TTLCache, cached
+    from dicomweb_client.session_utils import create_session_from_user_pass
+    from monailabel.config import settings
+    from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+    from pydicom.dataset import Dataset
+
+    def unreachable(what: str, e: Exception) -> HTTPException:
+        return HTTPException(status_code=502, detail=f"the DICOMweb server at {url} could not {what}: {e}")
+
+    class RadiographDICOMWebDatastore(DICOMWebDatastore):
+        """DX and CR series as images; a DICOMweb server that is down or refuses is an HTTP 502 with the
+        reason (MONAI Label's own datastore lets it end as a bare 500)."""
+
+        MODALITIES = ("DX", "CR")
+
+        @cached(cache=TTLCache(maxsize=16, ttl=settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY))
+        def _list(self):
+            series = []
+            for modality in self.MODALITIES:
+                for ds in self._client.search_for_series(search_filters=dict(self._search_filter, Modality=modality)):
+                    uid = str(Dataset.from_json(ds)["SeriesInstanceUID"].value)
+                    if uid not in series:
+                        series.append(uid)
+            return series
+
+        _last = None
+
+        def list_images(self):
+            try:
+                self._last = self._list()
+                return self._last
+            except Exception as e:  # noqa: BLE001 - transport or HTTP errors of the server
+                if self._last is not None:  # the server went away mid-session: the last list, said in the log
+                    logger.warning(f"DICOMweb server at {url} unreachable ({e}); using the last series list")
+                    return self._last
+                raise unreachable("list the DX/CR series", e) from e
+
+        def get_image_uri(self, image_id: str) -> str:
+            try:
+                return super().get_image_uri(image_id)
+            except HTTPException:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise unreachable(f"send series {image_id}", e) from e
+
+    session = None
+    if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+        session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME,
+                                                settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+    client = DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                             wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                             stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+    extra = {k: v for k, v in (settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER or {}).items() if k != "Modality"}
+    cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
+    return RadiographDICOMWebDatastore(client=client, search_filter=extra, cache_path=cache,
+                                       fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+                                       convert_to_nifti=False)

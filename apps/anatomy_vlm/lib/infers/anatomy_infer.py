@@ -40,7 +40,8 @@ Request parameters: ``regions`` (list or comma-separated names; default all), ``
 (segmentation: ``seg.nrrd``, ``nii.gz`` or ``dcm`` = DICOM SEG; detection: ``json`` = the Slicer ROI
 file or ``dcm`` = a DICOM SR measurement report with the boxes and, with a language stage, each region's
 top findings; ``dcm`` needs a DICOM image, :mod:`anatomy_vlm.dicom_out`), ``refine_boxes`` (detection:
-mask-refined boxes, slower). Bad requests get HTTP 4xx
+mask-refined boxes, slower), ``store`` (with ``dcm`` and a DICOMweb datastore: STOW the SEG / SR
+to the DICOMweb server, e.g. Orthanc, where OHIF finds it with the study). Bad requests get HTTP 4xx
 JSON errors (:class:`InferRequestError`): unknown image id 404, unknown region 400, unreadable image 422.
 """
 
@@ -73,6 +74,26 @@ def label_format(req: Dict[str, Any], formats: Sequence[str]) -> str:
     if fmt not in formats:
         raise InferRequestError(f"unknown label_format {fmt!r}; choose one of {list(formats)}", 400)
     return fmt
+
+
+def store_dicomweb(path: str) -> Dict[str, str]:
+    """STOW-RS ``path`` (a SEG or SR) to the app's DICOMweb server; 400 without one, 502 when it refuses."""
+    import pydicom
+    from monailabel.config import settings
+
+    url = str(settings.MONAI_LABEL_STUDIES or "")
+    if not url.startswith(("http://", "https://")):
+        raise InferRequestError("store needs a DICOMweb datastore (start the server with --studies "
+                                "http://HOST:PORT/dicom-web)", 400)
+    from dicomweb_client import DICOMwebClient
+
+    ds = pydicom.dcmread(path)
+    try:
+        DICOMwebClient(url=url).store_instances([ds])
+    except Exception as e:  # noqa: BLE001 - any transport or HTTP error of the DICOMweb server
+        raise InferRequestError(f"the DICOMweb server at {url} did not store the {ds.Modality}: {e}", 502) from e
+    return {"url": url, "StudyInstanceUID": str(ds.StudyInstanceUID), "SeriesInstanceUID": str(ds.SeriesInstanceUID),
+            "SOPInstanceUID": str(ds.SOPInstanceUID), "Modality": str(ds.Modality)}
 
 
 def _is_dicom(path: str) -> bool:
@@ -189,6 +210,11 @@ class AnatomyInfer(BasicInferTask):
     def image_path(req: Dict[str, Any]) -> str:
         """The request's image file (the datastore resolves ids to paths); 404 when there is none."""
         image = req.get("image")
+        if isinstance(image, str) and os.path.isdir(image):
+            # a DICOMweb datastore hands over the series folder it downloaded: a radiograph series is one
+            # instance (the first file in name order otherwise)
+            files = sorted(f for f in os.listdir(image) if os.path.isfile(os.path.join(image, f)))
+            image = os.path.join(image, files[0]) if files else image
         if not isinstance(image, str) or not image or not os.path.isfile(image):
             raise InferRequestError(
                 "unknown image: the datastore has no image with this id" if not image
@@ -251,6 +277,7 @@ class AnatomyInfer(BasicInferTask):
 
             fd, out = tempfile.mkstemp(suffix=".dcm", prefix=f"{self.name}_")
             os.close(fd)
+            store = str(req.get("store", False)).lower() in ("1", "true", "yes")
             if detection:
                 found = None
                 if align:
@@ -263,6 +290,8 @@ class AnatomyInfer(BasicInferTask):
             else:
                 dicom_out.write_seg(pred, image, out)
                 result["format"] = "dicom-seg"
+            if store:
+                result["stored"] = store_dicomweb(out)
             return out, result
         if detection:
             fd, out = tempfile.mkstemp(suffix=".json", prefix="anatomy_detection_")
