@@ -75,7 +75,8 @@ import torch
 import torch.nn.functional as F
 
 from .anatomy import NUM_REGIONS, REGION_NAMES, REGIONS, region
-from .io import read_image, read_json, read_region_masks
+from .io import read_image, read_json, read_mask_label, read_region_masks
+from .labels import region_stack
 
 __all__ = [
     "SPLITS", "DemoDataset", "ChestImaGenomeDataset", "BoxMapping", "to_model_targets",
@@ -410,12 +411,7 @@ class CorrectionsDataset:
         mask_names = set(doc.get("confirmed_masks") or []) & confirmed
         mask_file = self.root / "labels" / "final" / f"{e['id']}.nii.gz"
         if mask_names and mask_file.is_file():
-            m = read_region_masks(mask_file)
-            if m.shape[0] == 1:  # a label map of region ids
-                import nibabel as nib
-
-                ids = np.asarray(nib.load(str(mask_file)).dataobj).squeeze().T
-                m = np.stack([ids == r.id for r in REGIONS])
+            m = region_stack(read_mask_label(mask_file))
             if m.shape == (NUM_REGIONS, *rg.pixels.shape):
                 masks = m
                 mask_valid = np.array([r.name in mask_names for r in REGIONS])

@@ -308,6 +308,20 @@ def read_region_masks(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(data.transpose(2, 1, 0) != 0)
 
 
+def read_mask_label(path: str | os.PathLike) -> np.ndarray:
+    """A mask label as it is stored: bool ``(K, H, W)`` region masks (:func:`write_region_masks`), or an
+    integer ``(H, W)`` label map of region ids when the file is 2D; raises ImageReadError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ImageReadError(p, "file not found")
+    data, _ = _load_nifti(p)
+    if data.ndim == 2:
+        return np.ascontiguousarray(data.T).astype(np.int64)
+    if data.ndim != 3:
+        raise ImageReadError(p, f"region masks must be (x, y, k) or a label map (x, y); got shape {data.shape}")
+    return np.ascontiguousarray(data.transpose(2, 1, 0) != 0)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Parse a JSON file. Raises FileNotFoundError, or ValueError naming the file if malformed."""
     p = Path(path)

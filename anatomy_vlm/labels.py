@@ -28,7 +28,7 @@ import numpy as np
 
 from .anatomy import NUM_REGIONS, REGIONS, REGISTRY_VERSION, region
 
-__all__ = ["LabelError", "BoxCorrection", "check_id", "parse_box_correction", "merge_box_label", "mask_correction",
+__all__ = ["LabelError", "BoxCorrection", "check_id", "parse_box_correction", "merge_box_label", "mask_correction", "region_stack",
            "check_mask_dims", "check_mask_shape"]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -191,6 +191,12 @@ def parse_box_correction(obj: Any, image_shape: tuple[int, int], geometry: Any =
     return _from_regions(doc, tuple(image_shape))
 
 
+def region_stack(masks: np.ndarray) -> np.ndarray:
+    """bool ``(29, H, W)`` region masks from region masks or an ``(H, W)`` label map of region ids."""
+    a = np.asarray(masks)
+    return a != 0 if a.ndim == 3 else np.stack([a == r.id for r in REGIONS])
+
+
 def mask_correction(masks: np.ndarray, regions: Any = None) -> BoxCorrection:
     """The box correction a corrected mask label implies: each region's box is its mask's bounding box.
 
@@ -203,9 +209,8 @@ def mask_correction(masks: np.ndarray, regions: Any = None) -> BoxCorrection:
     Raises:
         LabelError: an unknown region name.
     """
-    a = np.asarray(masks)
-    H, W = a.shape[-2:]
-    stack = a != 0 if a.ndim == 3 else np.stack([a == r.id for r in REGIONS])
+    stack = region_stack(masks)
+    H, W = stack.shape[-2:]
     names = [_region_name(x) for x in regions] if regions else [r.name for k, r in enumerate(REGIONS) if stack[k].any()]
     corr = BoxCorrection((int(H), int(W)))
     for n in dict.fromkeys(names):

@@ -389,10 +389,7 @@ class Predictor:
             scores = out.scores[0].float().numpy()
             aligned = None
             if align:  # pooled inside the raw head masks, as in training (anatomy_vlm.alignment.precompute)
-                from .model.aligner import pool_regions
-
-                aligned = self.model.aligner(pool_regions(emb[None], out.masks), out.region_embeddings,
-                                             out.global_embedding)
+                aligned = self.model.align(emb[None], out)
             all_logits = out.masks[0] if run_masks else None
             if dense:
                 all_logits = clean_logits(all_logits)

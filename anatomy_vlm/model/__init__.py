@@ -159,9 +159,14 @@ class AnatomyVLM(nn.Module):
                 m = self.mask_head(embeddings, prompt_boxes)
                 out.masks, out.mask_iou = m.masks, m.iou
             if self.aligner is not None and align:
-                a = self.aligner(pool_regions(embeddings, out.masks), out.region_embeddings, out.global_embedding)
+                a = self.align(embeddings, out)
                 out.aligned_regions, out.aligned_image = a.regions, a.image
         return out
+
+    def align(self, embeddings: torch.Tensor, out: AnatomyOutput):
+        """The aligner's region and image embeddings for a forward pass's output with masks: region
+        features pooled inside the (raw) masks, with the region tokens and the global token."""
+        return self.aligner(pool_regions(embeddings, out.masks), out.region_embeddings, out.global_embedding)
 
 
 # ----- config ---------------------------------------------------------------------------------------------

@@ -71,21 +71,15 @@ class AnatomyDatastore(LocalDatastore):
         """A corrected mask label (``final``): stored atomically, and the regions it corrects (``regions``
         in the request's params, default every non-empty one) are confirmed in the box label with their
         masks' boxes and listed under ``confirmed_masks``, both under one lock."""
-        from anatomy_vlm.io import ImageReadError, read_region_masks
+        from anatomy_vlm.io import ImageReadError, read_mask_label
         from anatomy_vlm.labels import check_mask_shape, mask_correction
 
         try:
-            masks = read_region_masks(label_filename)
+            masks = read_mask_label(label_filename)
         except ImageReadError as e:
             raise HTTPException(status_code=400, detail=f"the mask label cannot be read: {e}") from None
-        masks = masks[0] if masks.shape[0] == 1 else masks
         try:
-            if masks.ndim == 2:  # a label map: read_region_masks gave booleans; re-read the values
-                import nibabel as nib
-                import numpy as np
-
-                masks = np.asarray(nib.load(label_filename).dataobj).squeeze().T.astype(np.int64)
-            check_mask_shape(masks, masks.shape[-2:])
+            check_mask_shape(masks, masks.shape[-2:])  # (the size was checked against the image above)
             corr = mask_correction(masks, label_info.get("regions") or None)
         except LabelError as e:
             raise HTTPException(status_code=400, detail=f"mask label: {e}") from None
@@ -233,12 +227,18 @@ def radiograph_dicomweb_datastore(url: str):
                 raise unreachable("list the DX/CR series", e) from e
 
         def get_image_uri(self, image_id: str) -> str:
+            """The series' DICOM file (MONAI Label downloads a series into a folder; a radiograph series
+            is one instance, the first file in name order otherwise)."""
             try:
-                return super().get_image_uri(image_id)
+                uri = super().get_image_uri(image_id)
             except HTTPException:
                 raise
             except Exception as e:  # noqa: BLE001
                 raise unreachable(f"send series {image_id}", e) from e
+            if os.path.isdir(uri):
+                files = sorted(f for f in os.listdir(uri) if os.path.isfile(os.path.join(uri, f)))
+                uri = os.path.join(uri, files[0]) if files else uri
+            return uri
 
     session = None
     if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:

@@ -76,15 +76,25 @@ def label_format(req: Dict[str, Any], formats: Sequence[str]) -> str:
     return fmt
 
 
-def store_dicomweb(path: str) -> Dict[str, str]:
-    """STOW-RS ``path`` (a SEG or SR) to the app's DICOMweb server; 400 without one, 502 when it refuses."""
-    import pydicom
+def flag(req: Dict[str, Any], key: str) -> bool:
+    """A boolean request option (``true``/``1``/``yes``, any case)."""
+    return str(req.get(key, False)).lower() in ("1", "true", "yes")
+
+
+def dicomweb_url() -> str:
+    """The app's DICOMweb server (``--studies``); 400 when the datastore is a local folder."""
     from monailabel.config import settings
 
     url = str(settings.MONAI_LABEL_STUDIES or "")
     if not url.startswith(("http://", "https://")):
         raise InferRequestError("store needs a DICOMweb datastore (start the server with --studies "
                                 "http://HOST:PORT/dicom-web)", 400)
+    return url
+
+
+def store_dicomweb(path: str, url: str) -> Dict[str, str]:
+    """STOW-RS ``path`` (a SEG or SR) to the DICOMweb server at ``url``; 502 when it refuses."""
+    import pydicom
     from dicomweb_client import DICOMwebClient
 
     ds = pydicom.dcmread(path)
@@ -210,11 +220,6 @@ class AnatomyInfer(BasicInferTask):
     def image_path(req: Dict[str, Any]) -> str:
         """The request's image file (the datastore resolves ids to paths); 404 when there is none."""
         image = req.get("image")
-        if isinstance(image, str) and os.path.isdir(image):
-            # a DICOMweb datastore hands over the series folder it downloaded: a radiograph series is one
-            # instance (the first file in name order otherwise)
-            files = sorted(f for f in os.listdir(image) if os.path.isfile(os.path.join(image, f)))
-            image = os.path.join(image, files[0]) if files else image
         if not isinstance(image, str) or not image or not os.path.isfile(image):
             raise InferRequestError(
                 "unknown image: the datastore has no image with this id" if not image
@@ -259,7 +264,8 @@ class AnatomyInfer(BasicInferTask):
         if fmt == "dcm" and not _is_dicom(image):
             raise InferRequestError("label_format dcm (DICOM SEG / SR) needs a DICOM image; this one is "
                                     f"{os.path.basename(image)}", 400)
-        refine = str(req.get("refine_boxes", False)).lower() in ("1", "true", "yes")
+        refine = flag(req, "refine_boxes")
+        store_url = dicomweb_url() if fmt == "dcm" and flag(req, "store") else None  # checked before any work
         align = detection and fmt == "dcm" and predictor.has_language  # findings go into the SR
         pred = self.run_predict(predictor, image, with_masks=(not detection) or refine, regions=[i + 1 for i in indices],
                                 align=align)
@@ -277,7 +283,6 @@ class AnatomyInfer(BasicInferTask):
 
             fd, out = tempfile.mkstemp(suffix=".dcm", prefix=f"{self.name}_")
             os.close(fd)
-            store = str(req.get("store", False)).lower() in ("1", "true", "yes")
             if detection:
                 found = None
                 if align:
@@ -290,8 +295,8 @@ class AnatomyInfer(BasicInferTask):
             else:
                 dicom_out.write_seg(pred, image, out)
                 result["format"] = "dicom-seg"
-            if store:
-                result["stored"] = store_dicomweb(out)
+            if store_url:
+                result["stored"] = store_dicomweb(out, store_url)
             return out, result
         if detection:
             fd, out = tempfile.mkstemp(suffix=".json", prefix="anatomy_detection_")

@@ -46,14 +46,12 @@ class LanguageInfer(AnatomyInfer):
     """Shared part: the predictor must carry a language stage; the prediction runs with ``align``."""
 
     def language(self, predictor):
-        if not predictor.has_language:
-            raise PredictorMissingError(
-                f"{self.name}: the checkpoint at {self.checkpoint} has no language stage (train it with an "
-                "`align` section, e.g. `anatomy-vlm train --config configs/demo_align.json`)")
+        """The predictor's zero-shot scorer; 501 when the checkpoint has no (usable) language stage."""
         try:
             return predictor.language()
         except (ValueError, FileNotFoundError) as e:
-            raise PredictorMissingError(f"{self.name}: {e}") from e
+            raise PredictorMissingError(f"{self.name}: {e} (checkpoint {self.checkpoint}; e.g. "
+                                        "`anatomy-vlm train --config configs/demo_align.json`)") from e
 
 
 class RegionFindingsInfer(LanguageInfer):
