@@ -58,10 +58,11 @@ class LiveServer:
 
 
 def launch_server(app_src: Path, studies: Path | None, base: Path, conf: dict | None = None,
-                  checkpoint: Path | None = None, studies_url: str | None = None) -> LiveServer:
+                  checkpoint: Path | None = None, studies_url: str | None = None,
+                  env: dict | None = None) -> LiveServer:
     """Start a server on a copy of the app (start_server writes model/, logs/, bin/ into the app folder; the
     copy keeps the repository clean), with ``checkpoint`` copied into the copy's ``model/`` if given;
-    ``studies_url`` (a DICOMweb URL) instead of a studies folder."""
+    ``studies_url`` (a DICOMweb URL) instead of a studies folder; ``env``: extra environment variables."""
     base.mkdir(parents=True, exist_ok=True)
     app_dir = base / "app"
     shutil.copytree(app_src, app_dir, ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin"))
@@ -69,7 +70,7 @@ def launch_server(app_src: Path, studies: Path | None, base: Path, conf: dict | 
         (app_dir / "model").mkdir()
         shutil.copy2(checkpoint, app_dir / "model" / "anatomy_vlm.pt")
     port = _free_port()
-    env = dict(os.environ)
+    env = dict(os.environ, **(env or {}))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env["MONAI_LABEL_SESSION_PATH"] = str(base / "sessions")
     env["TMPDIR"] = str(base)  # start_server writes its logging config to a temp file and keeps it

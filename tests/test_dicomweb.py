@@ -75,7 +75,8 @@ def pacs(demo_studies, tmp_path_factory):
     uids = {"demo": [o.upload(p) for p in dcm[:2]], "real": o.upload(_real_cr())}
     server = launch_server(REPO / "apps" / "anatomy_vlm", None, base / "app-run", checkpoint=REPO / "apps" /
                            "anatomy_vlm" / "model" / "anatomy_vlm.pt", studies_url=f"{o.url}/dicom-web",
-                           conf={"embedding_cache": base / "cache" / "embeddings", "prefetch_lookahead": 0})
+                           conf={"embedding_cache": base / "cache" / "embeddings", "prefetch_lookahead": 0},
+                           env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(base / "dicomweb-cache")})  # this run's own
     server.url("/info/")
     yield {"orthanc": o, "server": server, "uids": uids}
     server.stop()
@@ -88,6 +89,7 @@ def test_dx_and_cr_series_are_the_images(pacs):
     assert info["datastore"]["total"] == 3
     r = httpx.post(s.url("/activelearning/random"), timeout=120)
     assert r.status_code == 200 and r.json()["id"] in pacs["uids"]["demo"] + [pacs["uids"]["real"]]
+    pacs["handed_out"] = r.json()["id"]  # the app fetches (and encodes) the handed-out series at once
 
 
 def test_infer_on_the_real_cr_and_store_seg_and_sr_back(pacs):
@@ -116,7 +118,7 @@ def test_store_without_dicomweb_or_dcm_is_refused(pacs):
 def test_orthanc_stopped_mid_session_gives_clear_errors_and_the_server_stays_up(pacs):
     s, o = pacs["server"], pacs["orthanc"]
     cached = pacs["uids"]["real"]  # fetched by the tests above
-    never = pacs["uids"]["demo"][1]
+    never = next(u for u in pacs["uids"]["demo"] if u != pacs.get("handed_out"))  # not fetched yet
     o.stop()
     r = httpx.post(s.url("/infer/anatomy_detection"), params={"image": never, "output": "json"}, timeout=120)
     assert r.status_code == 502, r.text
