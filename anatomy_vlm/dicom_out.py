@@ -34,7 +34,7 @@ import numpy as np
 from . import __version__
 from .anatomy import REGIONS
 
-__all__ = ["region_code", "write_seg", "write_sr", "LOCAL_SCHEME"]
+__all__ = ["region_code", "write_seg", "write_sr", "LOCAL_SCHEME", "SEG_GEOMETRIES"]
 
 LOCAL_SCHEME = "99AVLM"
 """Coding scheme designator of the project's own codes (regions and measurements without a standard code)."""
@@ -85,12 +85,32 @@ def _source(image: str | os.PathLike):
     return ds
 
 
-def write_seg(pred, image: str | os.PathLike, path: str | os.PathLike) -> Path:
+VIEWER_ORIENTATION = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+"""Image orientation cornerstone gives an image that has none (its metadata provider's default)."""
+
+SEG_GEOMETRIES = ("source", "viewer")
+"""Values of :func:`write_seg`'s ``geometry``."""
+
+
+def write_seg(pred, image: str | os.PathLike, path: str | os.PathLike, geometry: str = "source") -> Path:
     """Write ``pred``'s masks as a DICOM SEG referencing ``image``.
 
+    ``geometry``: ``"source"`` (default) gives the SEG the source's plane geometry, i.e. none for a
+    projection radiograph without one: its frames reference the image by SOP instance only, which is all
+    the standard asks of a 2D SEG. ``"viewer"``, for a source without plane geometry, gives the SEG the
+    geometry that cornerstone (the rendering library of OHIF 3) assumes for such an image: position
+    (0, 0, 0), orientation rows +y / columns -z, and the source's pixel spacing when it has a valid one,
+    else 1 mm (said in the series description), slice thickness 1 (required once there is plane
+    geometry), in a frame of reference of the SEG's own (a UID derived from the source's SOP instance
+    UID, the same for every SEG of that image). OHIF 3 displays a SEG only when its orientation matches
+    the image's (it refuses a SEG without one); this geometry is a viewer convention, not the patient's
+    position. A source that has plane geometry keeps its own either way.
+
     Raises:
-        ValueError: no masks, a non-DICOM source, or masks not of the source's size.
+        ValueError: no masks, a non-DICOM source, masks not of the source's size, or an unknown geometry.
     """
+    if geometry not in SEG_GEOMETRIES:
+        raise ValueError(f"unknown SEG geometry {geometry!r}; choose one of {list(SEG_GEOMETRIES)}")
     import highdicom as hd
     from highdicom.seg import SegmentAlgorithmTypeValues, SegmentDescription, Segmentation
     from pydicom.dataset import Dataset
@@ -132,14 +152,27 @@ def write_seg(pred, image: str | os.PathLike, path: str | os.PathLike) -> Path:
         # SOP instance and patient orientation, which is what a radiograph's SEG needs.
         del ref.FrameOfReferenceUID
     spacing = [float(v) for v in ref.get("PixelSpacing") or []]
-    if "PixelSpacing" in ref and not (len(spacing) == 2 and all(v > 0 for v in spacing)):
+    spacing_ok = len(spacing) == 2 and all(v > 0 for v in spacing)
+    if "PixelSpacing" in ref and not spacing_ok:
         del ref.PixelSpacing  # e.g. the real CR's "0\\0": not copied into the SEG's pixel measures
+    description = "Anatomy-VLM regions (SEG)"
+    if geometry == "viewer" and "ImageOrientationPatient" not in ref:
+        # a 2.25 UID (a 128-bit number, PS3.5 B.2) from a hash of the source's SOP instance UID
+        digest = hashlib.sha256(f"anatomy-vlm viewer geometry {src.SOPInstanceUID}".encode()).digest()
+        ref.FrameOfReferenceUID = f"2.25.{int.from_bytes(digest[:16], 'big')}"
+        if not spacing_ok:
+            spacing = [1.0, 1.0]
+            description += ", nominal 1 mm grid"
+        # highdicom takes the SEG's plane functional groups from the (private copy of the) source. A SEG
+        # with plane geometry must state a slice thickness (PS3.3 Pixel Measures, type 1C): 1
+        ref.PixelSpacing, ref.SliceThickness = spacing, 1.0
+        ref.ImagePositionPatient, ref.ImageOrientationPatient = [0.0, 0.0, 0.0], list(VIEWER_ORIENTATION)
     seg = Segmentation(
         source_images=[ref], pixel_array=arr, segmentation_type="BINARY", segment_descriptions=descriptions,
         series_instance_uid=hd.UID(), series_number=901, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="Anatomy-VLM Label", manufacturer_model_name="Anatomy-VLM", software_versions=__version__,
         device_serial_number="0", content_label="ANATOMY", content_description="Chest X-ray anatomy regions",
-        series_description="Anatomy-VLM regions (SEG)")
+        series_description=description)
     if "PatientOrientation" not in seg:  # General Image, type 2C for an image without plane geometry
         seg.PatientOrientation = src.get("PatientOrientation", "")
     out = Path(path)

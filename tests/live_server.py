@@ -1,7 +1,9 @@
-"""A real ``monailabel start_server`` subprocess for tests (shared by the app and annotation-loop tests)."""
+"""Real servers for tests: a ``monailabel start_server`` subprocess (shared by the app, annotation-loop, DICOMweb
+and OHIF tests) and an Orthanc DICOMweb server."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -11,9 +13,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pydicom
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+"""The DICOMweb plugin of Debian's orthanc-dicomweb."""
 
 
 def _free_port() -> int:
@@ -85,3 +90,51 @@ def launch_server(app_src: Path, studies: Path | None, base: Path, conf: dict | 
             cwd=base, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     return LiveServer(proc, f"http://127.0.0.1:{port}", log, app_dir, studies)
+
+
+def real_cr() -> Path:
+    """The real CR RG1_UNCR.dcm of the pydicom-data package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("data_store")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "RG1_UNCR.dcm"
+
+
+class Orthanc:
+    """A real Orthanc with its DICOMweb plugin on a free port, its storage under ``base``."""
+
+    def __init__(self, base: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (base / "db").mkdir(parents=True)
+        cfg = {"Name": "anatomy-vlm-test", "StorageDirectory": str(base / "db"), "IndexDirectory": str(base / "db"),
+               "HttpPort": self.port, "DicomPort": _free_port(), "RemoteAccessAllowed": False,
+               "AuthenticationEnabled": False, "Plugins": [str(PLUGIN)],
+               "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+        (base / "orthanc.json").write_text(json.dumps(cfg))
+        self.proc = subprocess.Popen(["Orthanc", str(base / "orthanc.json")], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(self.url + "/system", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and self.proc.poll() is None, "Orthanc did not start"
+            time.sleep(0.3)
+
+    def upload(self, path: Path) -> str:
+        r = httpx.post(self.url + "/instances", content=path.read_bytes(), timeout=30)
+        assert r.status_code == 200, r.text
+        return pydicom.dcmread(str(path), stop_before_pixels=True).SeriesInstanceUID
+
+    def series(self, modality: str) -> list[dict]:
+        return httpx.get(f"{self.url}/dicom-web/series", params={"Modality": modality}, timeout=30).json()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

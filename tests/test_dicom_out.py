@@ -4,7 +4,6 @@ checked against the prediction, and validated with dciodvfy (dicom3tools) and ds
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from live_server import real_cr
 
 from anatomy_vlm.anatomy import REGIONS
 
@@ -23,11 +23,6 @@ needs_dsrdump = pytest.mark.skipif(shutil.which("dsrdump") is None,
                                    reason="dsrdump (Debian dcmtk) is not installed; .ci/run installs it")
 
 
-def _real_cr() -> Path:
-    spec = importlib.util.find_spec("data_store")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "RG1_UNCR.dcm"
-
-
 @pytest.fixture(scope="module")
 def written(demo_studies, tmp_path_factory, two_torch_threads):
     from anatomy_vlm.dicom_out import write_seg, write_sr
@@ -37,11 +32,12 @@ def written(demo_studies, tmp_path_factory, two_torch_threads):
     p = Predictor.from_checkpoint(CHECKPOINT, cache_dir=tmp_path_factory.mktemp("cache") / "embeddings")
     out = tmp_path_factory.mktemp("dicom")
     res = {}
-    for name, image in (("demo", demo_studies.studies / f"{demo_studies.ids('.dcm')[0]}.dcm"), ("real", _real_cr())):
+    for name, image in (("demo", demo_studies.studies / f"{demo_studies.ids('.dcm')[0]}.dcm"), ("real", real_cr())):
         pred = p.predict(image, with_masks=True, align=True)
         found = region_findings(pred, p.language(), top_k=2)
         res[name] = {"image": image, "pred": pred, "findings": found,
                      "seg": write_seg(pred, image, out / f"{name}_seg.dcm"),
+                     "seg_viewer": write_seg(pred, image, out / f"{name}_seg_viewer.dcm", geometry="viewer"),
                      "sr": write_sr(pred, image, out / f"{name}_sr.dcm", found)}
     res["png"] = demo_studies.studies / f"{demo_studies.ids('.png')[0]}.png"
     res["predictor"] = p
@@ -49,12 +45,13 @@ def written(demo_studies, tmp_path_factory, two_torch_threads):
 
 
 @pytest.mark.parametrize("name", ["demo", "real"])
-def test_seg_holds_one_segment_per_found_region_with_its_mask(written, name):
+@pytest.mark.parametrize("kind", ["seg", "seg_viewer"])
+def test_seg_holds_one_segment_per_found_region_with_its_mask(written, name, kind):
     # read with pydicom (highdicom's reader wants a slice thickness a projection radiograph does not have;
     # the standard makes it conditional on volumetric images)
     w = written[name]
     src = pydicom.dcmread(str(w["image"]), stop_before_pixels=True)
-    seg = pydicom.dcmread(str(w["seg"]))
+    seg = pydicom.dcmread(str(w[kind]))
     pred = w["pred"]
     found = [k for k in range(len(pred.indices)) if pred.masks[k].any()]
     assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
@@ -102,6 +99,29 @@ def test_sr_boxes_scores_and_findings(written, name):
         probs = [m for m in items if m.startswith("Probability of ")]
         assert len(probs) == 2  # the top-2 findings of the region
 
+def test_seg_geometry_source_is_none_and_viewer_is_what_ohif_assumes(written):
+    from anatomy_vlm.dicom_out import VIEWER_ORIENTATION, write_seg
+
+    src = pydicom.dcmread(str(written["real"]["image"]), stop_before_pixels=True)
+    assert "ImageOrientationPatient" not in src and "FrameOfReferenceUID" not in src  # the real CR has none
+    plain = pydicom.dcmread(str(written["real"]["seg"]), stop_before_pixels=True)
+    assert "FrameOfReferenceUID" not in plain
+    assert "PlaneOrientationSequence" not in plain.PerFrameFunctionalGroupsSequence[0]
+    seg = pydicom.dcmread(str(written["real"]["seg_viewer"]), stop_before_pixels=True)
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == list(VIEWER_ORIENTATION)
+    assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == [1.0, 1.0]  # the CR's is 0\\0
+    assert "nominal 1 mm grid" in seg.SeriesDescription
+    for f in seg.PerFrameFunctionalGroupsSequence:
+        assert [float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient] == [0.0, 0.0, 0.0]
+    # one frame of reference per source image, whichever SEG of it
+    again = write_seg(written["real"]["pred"], written["real"]["image"],
+                      written["real"]["seg"].parent / "again.dcm", geometry="viewer")
+    assert pydicom.dcmread(str(again), stop_before_pixels=True).FrameOfReferenceUID == seg.FrameOfReferenceUID
+    with pytest.raises(ValueError, match="unknown SEG geometry"):
+        write_seg(written["real"]["pred"], written["real"]["image"], written["real"]["seg"].parent / "x.dcm",
+                  geometry="axial")
+
 
 def test_a_non_dicom_source_is_refused(written):
     from anatomy_vlm.dicom_out import write_seg
@@ -113,13 +133,13 @@ def test_a_non_dicom_source_is_refused(written):
 
 @needs_dciodvfy
 @pytest.mark.parametrize("name", ["demo", "real"])
-@pytest.mark.parametrize("kind", ["seg", "sr"])
+@pytest.mark.parametrize("kind", ["seg", "seg_viewer", "sr"])
 def test_dciodvfy_finds_no_errors(written, name, kind):
     r = subprocess.run(["dciodvfy", str(written[name][kind])], capture_output=True, text=True)
     out = r.stdout + r.stderr
     errors = [line for line in out.splitlines() if line.startswith("Error")]
     assert not errors, out
-    assert ("Segmentation" if kind == "seg" else "ComprehensiveSR") in out
+    assert ("ComprehensiveSR" if kind == "sr" else "Segmentation") in out
 
 
 @needs_dsrdump

@@ -41,7 +41,10 @@ Request parameters: ``regions`` (list or comma-separated names; default all), ``
 file or ``dcm`` = a DICOM SR measurement report with the boxes and, with a language stage, each region's
 top findings; ``dcm`` needs a DICOM image, :mod:`anatomy_vlm.dicom_out`), ``refine_boxes`` (detection:
 mask-refined boxes, slower), ``store`` (with ``dcm`` and a DICOMweb datastore: STOW the SEG / SR
-to the DICOMweb server, e.g. Orthanc, where OHIF finds it with the study). Bad requests get HTTP 4xx
+to the DICOMweb server, e.g. Orthanc, where OHIF finds it with the study), ``seg_geometry`` (DICOM SEG
+of a radiograph without plane geometry: ``source`` = none, as the image; ``viewer`` = the geometry OHIF's
+cornerstone assumes for the image, which OHIF needs to display a SEG; default ``viewer`` when storing,
+``source`` otherwise; :func:`anatomy_vlm.dicom_out.write_seg`). Bad requests get HTTP 4xx
 JSON errors (:class:`InferRequestError`): unknown image id 404, unknown region 400, unreadable image 422.
 """
 
@@ -79,6 +82,18 @@ def label_format(req: Dict[str, Any], formats: Sequence[str]) -> str:
 def flag(req: Dict[str, Any], key: str) -> bool:
     """A boolean request option (``true``/``1``/``yes``, any case)."""
     return str(req.get(key, False)).lower() in ("1", "true", "yes")
+
+
+def seg_geometry_of(req: Dict[str, Any], stored: bool) -> str:
+    """The request's ``seg_geometry`` (default ``viewer`` when the SEG is stored for OHIF, else ``source``)."""
+    from anatomy_vlm.dicom_out import SEG_GEOMETRIES
+
+    value = req.get("seg_geometry")
+    value = (value[0] if value else None) if isinstance(value, (list, tuple)) else value
+    value = str(value or ("viewer" if stored else "source"))
+    if value not in SEG_GEOMETRIES:
+        raise InferRequestError(f"unknown seg_geometry {value!r}; choose one of {list(SEG_GEOMETRIES)}", 400)
+    return value
 
 
 def dicomweb_url() -> str:
@@ -266,6 +281,7 @@ class AnatomyInfer(BasicInferTask):
                                     f"{os.path.basename(image)}", 400)
         refine = flag(req, "refine_boxes")
         store_url = dicomweb_url() if fmt == "dcm" and flag(req, "store") else None  # checked before any work
+        seg_geometry = seg_geometry_of(req, stored=bool(store_url))
         align = detection and fmt == "dcm" and predictor.has_language  # findings go into the SR
         pred = self.run_predict(predictor, image, with_masks=(not detection) or refine, regions=[i + 1 for i in indices],
                                 align=align)
@@ -293,7 +309,7 @@ class AnatomyInfer(BasicInferTask):
                 dicom_out.write_sr(pred, image, out, found)
                 result["format"] = "dicom-sr"
             else:
-                dicom_out.write_seg(pred, image, out)
+                dicom_out.write_seg(pred, image, out, geometry=seg_geometry)
                 result["format"] = "dicom-seg"
             if store_url:
                 result["stored"] = store_dicomweb(out, store_url)
