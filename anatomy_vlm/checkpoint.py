@@ -66,6 +66,22 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict[
     obj = {"format": FORMAT, "config": getattr(model, "config", None), "state_dict": state, "meta": m}
     if extra:
         obj.update(extra)
+    return _save_atomic(obj, path)
+
+
+def update_checkpoint_meta(path: str | os.PathLike, updates: dict[str, Any]) -> Path:
+    """Merge ``updates`` into a checkpoint's ``meta`` and rewrite the file atomically (weights untouched).
+
+    Raises:
+        FileNotFoundError / CheckpointFormatError: as :func:`read_checkpoint`.
+    """
+    obj = read_checkpoint(path)
+    obj["meta"] = dict(obj.get("meta") or {}, **updates)
+    return _save_atomic(obj, Path(path))
+
+
+def _save_atomic(obj: dict[str, Any], path: Path) -> Path:
+    """``torch.save`` to a temporary name in the same folder, fsync, rename over ``path``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(obj, tmp)

@@ -158,6 +158,19 @@ def _parse_reports(a: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_boxes(a: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .box_calibration import calibrate_checkpoint
+
+    torch.set_num_threads(max(1, a.threads))
+    cal = calibrate_checkpoint(a.checkpoint, a.demo, split=a.split, cache_dir=a.cache_dir, progress=not a.quiet)
+    print(json.dumps({k: v for k, v in cal.items() if k != "offsets"}, indent=1))
+    return 0
+
+
 def _versions(a: argparse.Namespace) -> int:
     import json
 
@@ -241,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-cache", action="store_true", help=argparse.SUPPRESS)
     pr.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     pr.set_defaults(func=_predict)
+    cb = sub.add_parser("calibrate-boxes", help="fit the per-region box offsets to the reference boxes on a "
+                                                "demo split (val) and store them in the checkpoint")
+    cb.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help=f"default {DEFAULT_CHECKPOINT_REL}")
+    cb.add_argument("--demo", default="data/demo", help="demo folder holding manifest.json (default data/demo)")
+    cb.add_argument("--split", choices=("val", "train"), default="val")
+    cb.add_argument("--cache-dir", default="data/cache/embeddings", help="embedding cache folder")
+    cb.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    cb.add_argument("--quiet", action="store_true", help="no progress bar")
+    cb.set_defaults(func=_calibrate_boxes)
     v = sub.add_parser("versions", help="list the served checkpoint's fine-tuned versions, or restore one")
     v.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                    help="the served checkpoint (versions live in versions/ next to it)")

@@ -11,6 +11,8 @@ y = row; a box covering exactly columns ``0..W-1`` is ``[0, 0, W, H]``.
 Box source: without masks each region's box is the anatomy decoder's box. With masks, a region whose mask
 is not empty gets the bounding box of its mask (the mask decoder is the sharper localiser); the decoder's
 box stays in :attr:`Prediction.decoder_boxes` and :attr:`Prediction.box_source` says which one was used.
+A checkpoint with a box calibration (:mod:`anatomy_vlm.box_calibration`) shifts the dense head's mask
+boxes by its per-region offsets to the reference boxes' convention.
 
 The second half of this module turns a :class:`Prediction` into what 3D Slicer loads (a markups ROI JSON
 file and a multi-layer ``.seg.nrrd``), placed with the image's geometry as ITK reads it (see
@@ -178,6 +180,11 @@ class Predictor:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.meta = dict(meta or {})
+        from .box_calibration import calibration_offsets
+
+        #: ``(29, 4)`` per-region box offsets from the checkpoint (:mod:`anatomy_vlm.box_calibration`),
+        #: applied to mask-derived boxes; None (or set to None) for the raw boxes.
+        self.box_calibration = calibration_offsets(self.meta)
         enc = getattr(model, "encoder", None)
         tag = encoder_tag(enc) if enc is not None else "no-encoder"
         self.cache = EmbeddingCache(cache_dir, tag, memory_items=memory_items)
@@ -400,6 +407,10 @@ class Predictor:
         if dense:
             mb, empty = boxes_from_logits(all_logits[idx], box.resized_size, box.original_size)
             q = mask_quality(all_logits[idx]).numpy()
+            if self.box_calibration is not None:  # the reference boxes' convention, per region
+                from .box_calibration import apply_box_calibration
+
+                mb = apply_box_calibration(mb, self.box_calibration[list(idx)], tuple(box.original_size))
             for j in range(len(idx)):
                 if not empty[j]:
                     final[j], source[j] = mb[j], "mask"

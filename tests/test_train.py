@@ -50,6 +50,25 @@ def test_embeddings_are_cached_and_reused(run, demo_studies):
     assert 0 < len(files) <= n_images
 
 
+@pytest.mark.slow
+def test_calibrate_boxes_after_training_stores_the_calibration(demo_studies, tmp_path):
+    cfg = load_config(None, {
+        "data": {"kind": "demo", "root": str(demo_studies.root), "train_split": "train", "val_split": "val"},
+        "model": dict(TINY, mask_head={"kind": "dense", "widths": [16, 16, 16], "fine": [8, 8]},
+                      box_refiner={"enabled": False}),
+        "train": {"epochs": 1, "batch_size": 3, "val_every": 1, "cache_dir": str(tmp_path / "cache")},
+        "output": {"checkpoint": str(tmp_path / "model.pt"), "run_dir": str(tmp_path / "run"),
+                   "calibrate_boxes": "train"},
+    })
+    summary = train(cfg, progress=False, command="test")
+    cal = read_checkpoint(tmp_path / "model.pt")["meta"]["box_calibration"]
+    assert cal["split"] == "train" and cal["n_images"] == 4 and len(cal["offsets"]) == 29
+    assert summary["box_calibration"]["map_after"] == cal["map_after"]
+    with pytest.raises(ValueError, match="calibrate_boxes needs demo data"):
+        train(load_config(None, {"data": {"kind": "chest_imagenome", "root": str(tmp_path)},
+                                 "output": {"calibrate_boxes": "val"}}), progress=False)
+
+
 def test_resume_continues_from_the_last_epoch(run):
     cfg, _, tmp = run
     cfg = json.loads(json.dumps(cfg))
