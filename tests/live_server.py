@@ -21,6 +21,16 @@ PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 """The DICOMweb plugin of Debian's orthanc-dicomweb."""
 
 
+def _terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=20)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -54,12 +64,7 @@ class LiveServer:
 
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=20)
+        _terminate(self.proc)
 
 
 def launch_server(app_src: Path, studies: Path | None, base: Path, conf: dict | None = None,
@@ -133,8 +138,4 @@ class Orthanc:
         return httpx.get(f"{self.url}/dicom-web/series", params={"Modality": modality}, timeout=30).json()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        _terminate(self.proc)

@@ -69,11 +69,14 @@ DETECTION_FORMATS = ("json", "dcm")
 """Detection outputs: Slicer ROI markups JSON, DICOM SR measurement report (DICOM sources only)."""
 
 
+def _first(value: Any) -> Any:
+    """A request option's value; a list (the /info default a client echoes back) gives its first item."""
+    return (value[0] if value else None) if isinstance(value, (list, tuple)) else value
+
+
 def label_format(req: Dict[str, Any], formats: Sequence[str]) -> str:
     """The request's ``label_format`` among ``formats`` (default the first); 400 otherwise."""
-    fmt = req.get("label_format")
-    fmt = (fmt[0] if fmt else None) if isinstance(fmt, (list, tuple)) else fmt  # /info default: a list
-    fmt = str(fmt or formats[0]).lstrip(".")
+    fmt = str(_first(req.get("label_format")) or formats[0]).lstrip(".")
     if fmt not in formats:
         raise InferRequestError(f"unknown label_format {fmt!r}; choose one of {list(formats)}", 400)
     return fmt
@@ -88,9 +91,7 @@ def seg_geometry_of(req: Dict[str, Any], stored: bool) -> str:
     """The request's ``seg_geometry`` (default ``viewer`` when the SEG is stored for OHIF, else ``source``)."""
     from anatomy_vlm.dicom_out import SEG_GEOMETRIES
 
-    value = req.get("seg_geometry")
-    value = (value[0] if value else None) if isinstance(value, (list, tuple)) else value
-    value = str(value or ("viewer" if stored else "source"))
+    value = str(_first(req.get("seg_geometry")) or ("viewer" if stored else "source"))
     if value not in SEG_GEOMETRIES:
         raise InferRequestError(f"unknown seg_geometry {value!r}; choose one of {list(SEG_GEOMETRIES)}", 400)
     return value
