@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .anatomy import NUM_REGIONS, REGIONS, REGISTRY_VERSION, region
+from .box_calibration import apply_box_calibration
 
 __all__ = ["LabelError", "BoxCorrection", "check_id", "parse_box_correction", "merge_box_label", "mask_correction", "region_stack",
            "check_mask_dims", "check_mask_shape"]
@@ -197,29 +198,47 @@ def region_stack(masks: np.ndarray) -> np.ndarray:
     return a != 0 if a.ndim == 3 else np.stack([a == r.id for r in REGIONS])
 
 
-def mask_correction(masks: np.ndarray, regions: Any = None) -> BoxCorrection:
-    """The box correction a corrected mask label implies: each region's box is its mask's bounding box.
+def mask_correction(masks: np.ndarray, regions: Any = None, box_offsets: np.ndarray | None = None) -> BoxCorrection:
+    """The box correction a corrected mask label implies: each region's box is its mask's bounding box,
+    in the box convention of the served model when ``box_offsets`` is given.
+
+    Reference boxes need not be their masks' bounding boxes (Chest ImaGenome's and the demo's are not:
+    a lung's box starts below its apex). A checkpoint with a box calibration
+    (:mod:`anatomy_vlm.box_calibration`) serves a region's box as its mask's bounding box shifted by that
+    region's offsets; the same shift turns a corrected mask into the box the model would serve for it, so
+    a mask correction does not confirm a box in another convention than the box corrections.
 
     Args:
         masks: ``(29, H, W)`` region masks or an ``(H, W)`` label map (values = region ids), already
             checked with :func:`check_mask_shape`.
         regions: Region names/ids the annotator corrected (default: every region with a non-empty mask;
             a named region with an empty mask is confirmed absent).
+        box_offsets: ``(29, 4)`` relative edge offsets per region (registry order), e.g.
+            :func:`anatomy_vlm.box_calibration.calibration_offsets` of the served checkpoint; ``None`` = the
+            plain bounding boxes.
 
     Raises:
-        LabelError: an unknown region name.
+        LabelError: an unknown region name, or offsets of the wrong shape.
     """
     stack = region_stack(masks)
     H, W = stack.shape[-2:]
+    if box_offsets is not None:
+        box_offsets = np.asarray(box_offsets, np.float64)
+        if box_offsets.shape != (NUM_REGIONS, 4) or not np.isfinite(box_offsets).all():
+            raise LabelError(f"box offsets must be ({NUM_REGIONS}, 4) finite numbers, got {box_offsets.shape}")
     names = [_region_name(x) for x in regions] if regions else [r.name for k, r in enumerate(REGIONS) if stack[k].any()]
     corr = BoxCorrection((int(H), int(W)))
     for n in dict.fromkeys(names):
-        m = stack[REGIONS.index(region(n))]
+        k = REGIONS.index(region(n))
+        m = stack[k]
         if not m.any():
             corr.absent.append(n)
             continue
         rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-        corr.boxes[n] = [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
+        box = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float64)
+        if box_offsets is not None:
+            box = apply_box_calibration(box[None], box_offsets[k][None], (int(H), int(W)))[0]
+        corr.boxes[n] = [float(v) for v in box]
     return corr
 
 

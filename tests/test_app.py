@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from live_server import launch_server
 
@@ -278,6 +279,40 @@ def test_bad_requests_get_4xx_with_a_message(client, with_checkpoint, demo_studi
 
 
 # ---- language tasks ------------------------------------------------------------------------------------
+def test_a_mask_correction_confirms_boxes_in_the_served_box_convention(client, app_env, tiny_file, demo_studies,
+                                                                       tmp_path):
+    """With a calibrated checkpoint served, PUT of a corrected mask confirms each region's box as the model
+    serves boxes: the mask's bounding box shifted by the checkpoint's per-region offsets."""
+    from anatomy_vlm.checkpoint import read_checkpoint, update_checkpoint_meta
+    from anatomy_vlm.io import read_image, write_region_masks
+
+    off = np.zeros((NUM_REGIONS, 4))
+    off[0] = [0.0, 0.1, 0.0, -0.05]  # right lung: top edge 10 % of the height down, bottom 5 % up
+    dst = app_env["checkpoint"]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(tiny_file, dst)
+    update_checkpoint_meta(dst, {"box_calibration": {"offsets": off.tolist(), "split": "test (hand-set)"}})
+    assert read_checkpoint(dst)["meta"]["box_calibration"]["offsets"][0] == [0.0, 0.1, 0.0, -0.05]
+    try:
+        image = demo_studies.ids(".png")[-1]
+        H, W = read_image(next(app_env["studies"].glob(f"{image}.png"))).pixels.shape
+        masks = np.zeros((NUM_REGIONS, H, W), bool)
+        masks[0, 10:50, 5:30] = True  # right lung (region 0): bounding box [5, 10, 30, 50], 40 high
+        masks[REGION_NAMES.index("left lung"), 60:70, 40:60] = True  # left lung: no offsets, its plain bounding box
+        write_region_masks(masks, tmp_path / "m.nii.gz")
+        r = client.put("/datastore/label", params={"image": image},
+                       files={"label": ("m.nii.gz", (tmp_path / "m.nii.gz").read_bytes())},
+                       data={"params": json.dumps({"user": "ann3", "regions": ["right lung", "left lung"]})})
+        assert r.status_code == 200, r.text
+        doc = json.loads((app_env["studies"] / "labels" / "boxes" / f"{image}.boxes.json").read_text())
+        boxes = {x["name"]: x["box"] for x in doc["regions"]}
+        assert boxes["right lung"] == pytest.approx([5.0, 14.0, 30.0, 48.0])
+        assert boxes["left lung"] == pytest.approx([40.0, 60.0, 60.0, 70.0])
+        assert doc["confirmed_masks"] == ["right lung", "left lung"]
+    finally:
+        dst.unlink()
+
+
 @pytest.fixture
 def with_shipped(app_env):
     """The shipped (aligned) demo checkpoint at the in-process app's checkpoint path for one test."""

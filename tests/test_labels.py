@@ -118,3 +118,25 @@ def test_mask_corrections_give_boxes_absences_and_confirmed_masks():
                                                         (H, W)), "img", "ann", "t1")
     assert later["confirmed_masks"] == ["right lung", "trachea"]  # a box-only correction adds no mask
     assert set(later["confirmed"]) == {"right lung", "trachea", "carina"}
+
+
+def test_mask_corrections_take_the_served_box_convention_when_given_offsets():
+    """With a checkpoint's box calibration, the box a corrected mask confirms is the one the model serves
+    for that mask: the bounding box shifted by the region's relative edge offsets, clipped to the image."""
+    from anatomy_vlm.labels import mask_correction
+
+    H, W = 40, 50
+    stack = np.zeros((NUM_REGIONS, H, W), bool)
+    stack[0, 5:25, 10:20] = True  # right lung: box [10, 5, 20, 25], 10 wide, 20 high
+    stack[28, 30:40, 0:50] = True  # abdomen, touching the bottom and both sides
+    off = np.zeros((NUM_REGIONS, 4))
+    off[0] = [0.1, 0.2, -0.1, 0.05]  # x0 +1, y0 +4, x1 -1, y1 +1 pixel(s)
+    off[28] = [-0.5, 0.0, 0.5, 0.5]  # would leave the image: clipped
+    corr = mask_correction(stack, box_offsets=off)
+    assert corr.boxes["right lung"] == pytest.approx([11.0, 9.0, 19.0, 26.0])
+    assert corr.boxes["abdomen"] == pytest.approx([0.0, 30.0, 50.0, 40.0])
+    assert mask_correction(stack, box_offsets=np.zeros((NUM_REGIONS, 4))).boxes == mask_correction(stack).boxes
+    with pytest.raises(LabelError, match="box offsets"):
+        mask_correction(stack, box_offsets=np.zeros((3, 4)))
+    with pytest.raises(LabelError, match="box offsets"):
+        mask_correction(stack, box_offsets=np.full((NUM_REGIONS, 4), np.nan))

@@ -137,6 +137,7 @@ class AnatomyVLMApp(MONAILabelApp):
             extensions=extensions,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            box_offsets=self._served_box_offsets,
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
@@ -181,6 +182,12 @@ class AnatomyVLMApp(MONAILabelApp):
 
         cfg = next(iter(self.models.values()))
         return SharedPredictor.for_checkpoint(cfg.path, cfg.cache_dir).get()
+
+    def _served_box_offsets(self):
+        """The served checkpoint's box calibration offsets (mask corrections confirm boxes in its
+        convention), or ``None``."""
+        predictor = self._predictor()
+        return None if predictor is None else predictor.box_calibration
 
     def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
         return {}

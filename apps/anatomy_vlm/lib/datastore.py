@@ -11,7 +11,10 @@
   ``(H, W)`` label map of region ids. A ``final`` mask label is a mask correction: the regions it corrects
   (``regions`` in the request's ``params``, default every region with a non-empty mask) are confirmed
   in the box label with their masks' bounding boxes and listed under ``confirmed_masks``, so the trainer
-  learns those masks (and only those).
+  learns those masks (and only those). When the served checkpoint has a box calibration (its boxes are
+  mask boxes shifted per region into the reference boxes' convention), the confirmed boxes are shifted the
+  same way (``box_offsets``, :func:`anatomy_vlm.labels.mask_correction`): a mask correction and a box
+  correction confirm boxes of one convention.
 
 Files are written to a temporary name in the label folder and renamed, under the datastore's lock, so a
 reader never sees a half-written label and a crash leaves the previous one intact. MONAI Label's own
@@ -27,7 +30,7 @@ import shutil
 import tempfile
 import time
 from datetime import datetime, timezone
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 from fastapi import HTTPException
 from filelock import FileLock
@@ -42,7 +45,17 @@ BOX_EXT = ".boxes.json"
 
 
 class AnatomyDatastore(LocalDatastore):
-    """See the module docstring."""
+    """See the module docstring.
+
+    Args:
+        box_offsets: Called at each mask correction; returns the served checkpoint's ``(29, 4)`` box
+            calibration offsets, or ``None`` (no checkpoint, or one without a calibration). Other arguments
+            are :class:`LocalDatastore`'s.
+    """
+
+    def __init__(self, *args, box_offsets: Optional[Callable[[], Any]] = None, **kwargs):
+        self._box_offsets = box_offsets
+        super().__init__(*args, **kwargs)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         label_info = dict(label_info or {})
@@ -80,7 +93,7 @@ class AnatomyDatastore(LocalDatastore):
             raise HTTPException(status_code=400, detail=f"the mask label cannot be read: {e}") from None
         try:
             check_mask_shape(masks, masks.shape[-2:])  # (the size was checked against the image above)
-            corr = mask_correction(masks, label_info.get("regions") or None)
+            corr = mask_correction(masks, label_info.get("regions") or None, box_offsets=self._served_offsets())
         except LabelError as e:
             raise HTTPException(status_code=400, detail=f"mask label: {e}") from None
         user = str(label_info.get("user") or label_info.get("client_id") or "unknown")
@@ -88,6 +101,15 @@ class AnatomyDatastore(LocalDatastore):
         with FileLock(self._lock_file):
             self._store(image_id, obj, label_filename, "final", ext, dict(label_info, user=user), locked=True)
             return self._merge_boxes(image_id, obj, BOX_TAG, corr, user, when, dict(label_info), masks=True)
+
+    def _served_offsets(self):
+        if self._box_offsets is None:
+            return None
+        try:
+            return self._box_offsets()
+        except Exception as e:  # an unusable checkpoint: the plain mask boxes, and the log says why
+            logger.warning(f"mask correction: no box calibration from the served checkpoint ({e}); plain mask boxes")
+            return None
 
     # -- boxes ---------------------------------------------------------------------------------------
     def _save_boxes(self, image_id, image_path, label_filename, tag, label_info, obj) -> str:
