@@ -17,6 +17,11 @@ Fit it on the validation split, never on the test split the figures are reported
 The checkpoint's ``meta["box_calibration"]`` then holds ``{"offsets": (29, 4) list, "split", "n_images",
 "min_images", "fitted": ISO time, "command", "map_before" / "map_after": mAP on the fitting split}``. A
 fine-tuned checkpoint (``train`` with ``init_checkpoint``) carries its parent's calibration over.
+
+Annotators' corrections refit it (:func:`refit_from_corrections`, run by each fine-tuning round): the
+boxes annotators confirmed are the reference convention on the images the model is being adapted to, so
+every region with at least ``min_images`` confirmed boxes gets the median offset measured there, the
+others keep the parent's.
 """
 
 from __future__ import annotations
@@ -31,19 +36,20 @@ import numpy as np
 from .anatomy import NUM_REGIONS
 
 __all__ = ["MIN_IMAGES", "apply_box_calibration", "calibrate_checkpoint", "calibration_offsets",
-           "fit_box_calibration"]
+           "fit_box_calibration", "refit_from_corrections"]
 
 MIN_IMAGES = 5
 """A region present in fewer images of the fitting split keeps offset 0."""
 
 
 def fit_box_calibration(pred_boxes: np.ndarray, gt_boxes: np.ndarray, present: np.ndarray,
-                        min_images: int = MIN_IMAGES) -> np.ndarray:
+                        min_images: int = MIN_IMAGES, fallback: np.ndarray | None = None) -> np.ndarray:
     """Median relative edge offsets per region.
 
     Args:
         pred_boxes, gt_boxes: ``(N, 29, 4)`` ``[x0, y0, x1, y1]`` pixels, N images.
         present: ``(N, 29)`` bool, regions with a ground-truth box.
+        fallback: ``(29, 4)`` offsets for the regions with fewer than ``min_images`` (default 0).
 
     Returns:
         ``(29, 4)`` float64 offsets (fractions of the predicted box's width/height).
@@ -57,7 +63,7 @@ def fit_box_calibration(pred_boxes: np.ndarray, gt_boxes: np.ndarray, present: n
                          f"{p.shape}, {g.shape}, {m.shape}")
     size = _sizes(p)
     rel = (g - p) / size
-    out = np.zeros((NUM_REGIONS, 4))
+    out = np.zeros((NUM_REGIONS, 4)) if fallback is None else np.array(fallback, np.float64, copy=True)
     for k in range(NUM_REGIONS):
         ok = m[:, k] & np.isfinite(rel[:, k]).all(-1)
         if ok.sum() >= int(min_images):
@@ -147,6 +153,50 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, demo_root: str | os.Path
            "fitted": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "command": f"anatomy-vlm calibrate-boxes --checkpoint {_shown(checkpoint)} --demo {_shown(demo_root)} "
                       f"--split {split}"}
+    update_checkpoint_meta(checkpoint, {"box_calibration": cal})
+    return cal
+
+
+def refit_from_corrections(checkpoint: str | os.PathLike, corrections: Any, cache_dir: str | os.PathLike | None = None,
+                           min_images: int = MIN_IMAGES) -> dict[str, Any] | None:
+    """Refit ``checkpoint``'s box calibration on annotators' confirmed boxes and write it (atomically).
+
+    Args:
+        checkpoint: A dense-head checkpoint (e.g. the candidate of a fine-tuning round).
+        corrections: A :class:`~anatomy_vlm.data.CorrectionsDataset` (only confirmed, visible regions count).
+        min_images: Regions confirmed on fewer images keep the checkpoint's current offsets.
+
+    Returns:
+        The stored ``box_calibration`` dict (``split: "corrections"``, ``refit_regions``: the regions whose
+        offsets were fitted here, ``previous``: the offsets it replaced), or ``None`` when nothing could
+        be refitted (no dense head, or no region with ``min_images`` confirmed boxes): the file is unchanged.
+    """
+    from .anatomy import REGION_NAMES
+    from .checkpoint import update_checkpoint_meta
+    from .predict import Predictor
+
+    p = Predictor.from_checkpoint(checkpoint, cache_dir=cache_dir)
+    if not getattr(p.model, "boxes_from_masks", False) or len(corrections) == 0:
+        return None
+    before = p.box_calibration
+    p.box_calibration = None  # fit on the raw mask boxes
+    raw, gts, ok = [], [], []
+    for i in range(len(corrections)):
+        s = corrections[i]
+        pr = p.predict(s["meta"]["image_path"])
+        raw.append(pr.boxes)
+        gts.append(s["boxes"])
+        ok.append(s["valid"] & s["present"] & np.array([src == "mask" for src in pr.box_source]))
+    ok_a = np.stack(ok)
+    fitted = ok_a.sum(0) >= int(min_images)
+    if not fitted.any():
+        return None
+    prev = np.zeros((NUM_REGIONS, 4)) if before is None else before
+    off = fit_box_calibration(np.stack(raw), np.stack(gts), ok_a, min_images, fallback=prev)
+    cal = {"offsets": np.round(off, 5).tolist(), "split": "corrections", "n_images": len(corrections),
+           "min_images": int(min_images), "refit_regions": [REGION_NAMES[k] for k in np.flatnonzero(fitted)],
+           "previous": np.round(prev, 5).tolist(),
+           "fitted": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     update_checkpoint_meta(checkpoint, {"box_calibration": cal})
     return cal
 

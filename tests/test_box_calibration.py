@@ -92,3 +92,57 @@ def test_calibrate_writes_the_checkpoint_and_the_predictor_serves_the_shifted_ma
     np.testing.assert_array_equal(served.boxes[~rows], raw.boxes[~rows])  # decoder fallbacks unchanged
     sub = Predictor.from_checkpoint(ckpt, cache_dir=tmp_path / "cache").predict(image, regions=[3, 8])
     np.testing.assert_allclose(sub.boxes, served.boxes[[2, 7]], atol=1e-3)  # a subset gets its own rows' offsets
+
+
+@pytest.mark.slow
+def test_refit_on_corrections_fits_the_confirmed_regions_and_keeps_the_others(demo_studies, tmp_path,
+                                                                                two_torch_threads):
+    """Annotators' confirmed boxes refit the offsets of the regions confirmed on enough images; a region
+    confirmed too rarely, or only confirmed absent, keeps the checkpoint's offset."""
+    from anatomy_vlm.anatomy import REGION_NAMES
+    from anatomy_vlm.box_calibration import refit_from_corrections
+    from anatomy_vlm.checkpoint import read_checkpoint
+    from anatomy_vlm.data import CorrectionsDataset
+    from anatomy_vlm.io import write_json_atomic
+    from anatomy_vlm.labels import merge_box_label, parse_box_correction
+    from anatomy_vlm.predict import Predictor
+
+    ckpt = tmp_path / "ckpt.pt"
+    shutil.copy2(CHECKPOINT, ckpt)
+    before = read_checkpoint(ckpt)
+    prev = calibration_offsets(before["meta"])
+    assert prev is not None  # the shipped checkpoint is calibrated
+    studies = tmp_path / "studies"
+    shutil.copytree(demo_studies.studies, studies)
+    raw_p = Predictor.from_checkpoint(ckpt, cache_dir=tmp_path / "cache")
+    raw_p.box_calibration = None
+    want = np.array([0.02, 0.1, -0.03, -0.05])  # (inside the image: the box shrinks)  # the annotators' convention for the right lung
+    images = sorted(studies.glob("cxr_*.dcm"))[:3]
+    for n, image in enumerate(images):
+        raw = raw_p.predict(image)
+        assert raw.box_source[0] == "mask"
+        b = raw.boxes[0].astype(np.float64)
+        w, h = b[2] - b[0], b[3] - b[1]
+        lung = (b + want * np.array([w, h, w, h])).tolist()
+        regions = [{"name": "right lung", "box": lung}, {"name": "carina", "box": None}]
+        if n == 0:  # the trachea confirmed on one image only
+            regions.append({"name": "trachea", "box": raw.boxes[REGION_NAMES.index("trachea")].tolist()})
+        corr = parse_box_correction({"regions": regions}, raw.image_shape)
+        write_json_atomic(merge_box_label(None, corr, image.stem, "ann", "t0"),
+                          studies / "labels" / "boxes" / f"{image.stem}.boxes.json")
+    ds = CorrectionsDataset(studies)
+    assert sorted(ds.ids) == sorted(i.stem for i in images)
+    cal = refit_from_corrections(ckpt, ds, cache_dir=tmp_path / "cache", min_images=3)
+    assert cal["refit_regions"] == ["right lung"] and cal["split"] == "corrections" and cal["n_images"] == 3
+    off = calibration_offsets(read_checkpoint(ckpt)["meta"])
+    np.testing.assert_allclose(off[0], want, atol=1e-3)
+    rest = [k for k in range(NUM_REGIONS) if k != 0]
+    np.testing.assert_allclose(off[rest], prev[rest], atol=1e-5)  # trachea (1 image), carina (absent), others
+    np.testing.assert_allclose(np.asarray(cal["previous"]), prev, atol=1e-5)
+    after = read_checkpoint(ckpt)
+    for k, v in before["state_dict"].items():  # weights untouched
+        assert np.array_equal(v.numpy(), after["state_dict"][k].numpy()), k
+    # too few confirmations anywhere: nothing refitted, the file unchanged
+    shutil.copy2(CHECKPOINT, ckpt)
+    assert refit_from_corrections(ckpt, ds, cache_dir=tmp_path / "cache", min_images=4) is None
+    np.testing.assert_allclose(calibration_offsets(read_checkpoint(ckpt)["meta"]), prev)
