@@ -18,10 +18,10 @@ The checkpoint's ``meta["box_calibration"]`` then holds ``{"offsets": (29, 4) li
 "min_images", "fitted": ISO time, "command", "map_before" / "map_after": mAP on the fitting split}``. A
 fine-tuned checkpoint (``train`` with ``init_checkpoint``) carries its parent's calibration over.
 
-Annotators' corrections refit it (:func:`refit_from_corrections`, run by each fine-tuning round): the
-boxes annotators confirmed are the reference convention on the images the model is being adapted to, so
-every region with at least ``min_images`` confirmed boxes gets the median offset measured there, the
-others keep the parent's.
+Annotators' corrections can refit it (:func:`refit_from_corrections`; a fine-tuning round does with
+``refit_boxes``, off by default): the boxes annotators confirmed are the reference convention on the images
+the model is being adapted to, so every region with at least ``min_images`` confirmed boxes gets the median
+offset measured there, the others keep the parent's.
 """
 
 from __future__ import annotations
@@ -128,17 +128,7 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, demo_root: str | os.Path
         from tqdm import tqdm
 
         it = tqdm(it, desc=f"calibrate boxes ({split})", unit="image")
-    raw, mask_rows, gts, pres, scores, sizes = [], [], [], [], [], []
-    for i in it:
-        s = ds[i]
-        pr = p.predict(s["meta"]["image_path"])
-        raw.append(pr.boxes)
-        mask_rows.append(np.array([src == "mask" for src in pr.box_source]))
-        gts.append(s["boxes"])
-        pres.append(s["present"])
-        scores.append(pr.scores)
-        sizes.append(pr.image_shape)
-    raw_a, gt_a, pres_a, rows = np.stack(raw), np.stack(gts), np.stack(pres), np.stack(mask_rows)
+    raw_a, gt_a, pres_a, rows, scores, sizes = _raw_mask_boxes(p, ds, it)
     off = fit_box_calibration(raw_a, gt_a, pres_a & rows, min_images)
     after = np.stack([np.where(rows[i][:, None], apply_box_calibration(raw_a[i], off, sizes[i]), raw_a[i])
                       for i in range(len(raw_a))])
@@ -180,25 +170,36 @@ def refit_from_corrections(checkpoint: str | os.PathLike, corrections: Any, cach
         return None
     before = p.box_calibration
     p.box_calibration = None  # fit on the raw mask boxes
-    raw, gts, ok = [], [], []
-    for i in range(len(corrections)):
-        s = corrections[i]
-        pr = p.predict(s["meta"]["image_path"])
-        raw.append(pr.boxes)
-        gts.append(s["boxes"])
-        ok.append(s["valid"] & s["present"] & np.array([src == "mask" for src in pr.box_source]))
-    ok_a = np.stack(ok)
+    raw, gts, present, rows, _, _ = _raw_mask_boxes(p, corrections, range(len(corrections)))
+    valid = np.stack([corrections[i]["valid"] for i in range(len(corrections))])
+    ok_a = valid & present & rows
     fitted = ok_a.sum(0) >= int(min_images)
     if not fitted.any():
         return None
     prev = np.zeros((NUM_REGIONS, 4)) if before is None else before
-    off = fit_box_calibration(np.stack(raw), np.stack(gts), ok_a, min_images, fallback=prev)
+    off = fit_box_calibration(raw, gts, ok_a, min_images, fallback=prev)
     cal = {"offsets": np.round(off, 5).tolist(), "split": "corrections", "n_images": len(corrections),
            "min_images": int(min_images), "refit_regions": [REGION_NAMES[k] for k in np.flatnonzero(fitted)],
            "previous": np.round(prev, 5).tolist(),
            "fitted": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     update_checkpoint_meta(checkpoint, {"box_calibration": cal})
     return cal
+
+
+def _raw_mask_boxes(predictor: Any, ds: Any, indices: Any) -> tuple:
+    """Predict each study of ``ds`` at ``indices``; returns stacked ``(boxes, gt_boxes, present, mask_rows)``
+    (``mask_rows``: the box came from the mask) and the per-image ``scores`` and ``image_shape`` lists."""
+    raw, mask_rows, gts, pres, scores, sizes = [], [], [], [], [], []
+    for i in indices:
+        s = ds[i]
+        pr = predictor.predict(s["meta"]["image_path"])
+        raw.append(pr.boxes)
+        mask_rows.append(np.array([src == "mask" for src in pr.box_source]))
+        gts.append(s["boxes"])
+        pres.append(s["present"])
+        scores.append(pr.scores)
+        sizes.append(pr.image_shape)
+    return np.stack(raw), np.stack(gts), np.stack(pres), np.stack(mask_rows), scores, sizes
 
 
 def _shown(path: str | os.PathLike) -> str:

@@ -52,19 +52,14 @@ def _evaluate(predictor, root: Path) -> dict:
 
 def _correct_from_truth(studies: Path, image_id: str) -> None:
     """The simulated annotator: every region's box set to the reference box (absent = null) and every mask
-    to the ground-truth mask, both confirmed (the reference boxes follow their own convention, not the
-    masks' bounding boxes: see anatomy_vlm.box_calibration)."""
-    from anatomy_vlm.io import read_json, read_region_masks, write_json_atomic
-    from anatomy_vlm.labels import mask_correction, merge_box_label, parse_box_correction
+    to the ground-truth mask (already in ``labels/final``), both confirmed (the reference boxes follow their
+    own convention, not the masks' bounding boxes: see anatomy_vlm.box_calibration)."""
+    from anatomy_vlm.io import read_json, write_json_atomic
+    from anatomy_vlm.labels import merge_box_label, parse_box_correction
 
-    masks = read_region_masks(studies / "labels" / "final" / f"{image_id}.nii.gz")
     truth = read_json(studies / "labels" / "boxes" / f"{image_id}.boxes.json")
-    from anatomy_vlm.anatomy import REGION_NAMES
-
-    shape = tuple(masks.shape[-2:])
-    corr = mask_correction(masks, list(REGION_NAMES))
-    boxes = parse_box_correction({"regions": [{"name": r["name"], "box": r.get("box")} for r in truth["regions"]]}, shape)
-    corr.boxes, corr.absent = dict(boxes.boxes), list(boxes.absent)
+    corr = parse_box_correction({"regions": [{"name": r["name"], "box": r.get("box")} for r in truth["regions"]]},
+                                (int(truth["height"]), int(truth["width"])))
     doc = merge_box_label(truth, corr, image_id, "simulated annotator", time.strftime("%Y-%m-%dT%H:%M:%SZ"),
                           masks=True)
     write_json_atomic(doc, studies / "labels" / "boxes" / f"{image_id}.boxes.json")
