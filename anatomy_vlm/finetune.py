@@ -8,7 +8,9 @@ A round (:func:`finetune_round`, run by the app's ``anatomy_finetune`` trainer a
    the masks through the projection loss) are split into train and held-out by a hash of the image id
    (``val_fraction``; none held out below ``min_heldout_from`` corrected studies);
 2. the served checkpoint is fine-tuned on them plus ``replay_n`` demo training studies (replay, so the
-   model does not forget), encoder frozen by default (``encoder_blocks`` trains its last blocks too);
+   model does not forget), encoder frozen by default (``encoder_blocks`` trains its last blocks too,
+   ``encoder_adapters`` gives its last blocks low-rank adapters instead, :mod:`anatomy_vlm.model.adapters`;
+   either way the frozen units before them run once per study, cached, and only the rest every step);
 3. the candidate is written as a new version (``<model dir>/versions/vNNNN.pt``, atomically); with
    ``refit_boxes`` (off by default) its box calibration is then refitted on the corrected training studies'
    confirmed boxes (:func:`anatomy_vlm.box_calibration.refit_from_corrections`: regions confirmed on at
@@ -50,6 +52,7 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
     "val_fraction": 0.2, "min_heldout_from": 5, "encoder_blocks": 0, "tolerance": 0.02,
     "demo_val_n": 30, "min_corrected": 1, "threads": 2, "mask_every": 1,
     "feature_affine": None, "image_jitter": None, "refit_boxes": False, "refit_min_images": 5,
+    "encoder_adapters": None,
 }
 """Settings of a round (the trainer's ``config`` in ``/info``; request values override them)."""
 
@@ -227,6 +230,11 @@ def finetune_round(studies: str | os.PathLike, served: str | os.PathLike, demo_r
     if unknown:
         raise ValueError(f"unknown fine-tuning setting(s) {sorted(unknown)}; valid: {sorted(cfg)}")
     cfg.update(settings or {})
+    ad = cfg["encoder_adapters"]
+    if ad is not None and (not isinstance(ad, dict) or set(ad) - {"blocks", "rank", "alpha"}):
+        raise ValueError(f"encoder_adapters must be null or {{\"blocks\", \"rank\", \"alpha\"}}, got {ad!r}")
+    if ad and int(cfg["encoder_blocks"]):
+        raise ValueError("encoder_adapters and encoder_blocks exclude each other: adapt or train the blocks")
     served = Path(served)
     if not served.is_file():
         raise ValueError(f"no served checkpoint at {served} to fine-tune")
@@ -252,6 +260,7 @@ def finetune_round(studies: str | os.PathLike, served: str | os.PathLike, demo_r
                   "init_checkpoint": str(served), "cache_dir": str(cache_dir) if cache_dir else None,
                   "threads": int(cfg["threads"]), "mask_every": int(cfg["mask_every"]), "augment_copies": 0,
                   "encoder_trainable_blocks": int(cfg["encoder_blocks"]) or None,
+                  "encoder_adapters": dict(ad) if ad else None,
                   "feature_affine": cfg["feature_affine"], "image_jitter": cfg["image_jitter"]},
         "output": {"checkpoint": str(path), "run_dir": str(run), "weights_dtype": "float16"},
     })

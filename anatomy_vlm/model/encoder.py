@@ -238,9 +238,65 @@ class LiteMedSAMEncoder(nn.Module):
 
     def train(self, mode: bool = True) -> LiteMedSAMEncoder:
         super().train(mode)
-        for m in getattr(self, "_frozen", ()):
+        frozen = getattr(self, "_frozen", ())
+        for m in frozen:
             m.eval()
+        if len(frozen) == len(self._ordered_units()):  # all frozen (adapters or not): all in eval mode
+            self.trunk.eval()
         return self
+
+    # ----- low-rank adapters ------------------------------------------------------------------------------
+    def add_adapters(self, blocks: int, rank: int = 8, alpha: float | None = None) -> int:
+        """Freeze the whole encoder and give the linear layers of its last ``blocks`` blocks low-rank
+        adapters (:mod:`anatomy_vlm.model.adapters`), the only trainable encoder parameters; the encoder
+        stays in eval mode. Returns the number of adapted layers.
+
+        Raises:
+            ValueError: ``blocks`` not in 1..12 or a bad rank; adapters already present.
+        """
+        from .adapters import add_adapters, has_adapters
+
+        if not isinstance(blocks, int) or isinstance(blocks, bool) or not 1 <= blocks <= self.num_blocks:
+            raise ValueError(f"adapter blocks must be an integer in 1..{self.num_blocks}, got {blocks!r}")
+        if has_adapters(self):
+            raise ValueError("the encoder already has adapters (merge them first)")
+        self.set_trainable_blocks(0)
+        units = [m for m, is_block in self._ordered_units() if is_block]
+        n = add_adapters(units[-blocks:], rank=rank, alpha=alpha)
+        self.train(self.training)
+        return n
+
+    def merge_adapters(self) -> int:
+        """Fold the adapters into the weights (plain TinyViT again, every parameter frozen)."""
+        from .adapters import merge_adapters
+
+        n = merge_adapters(self)
+        self.set_trainable_blocks(0)
+        _refresh_attention_cache(self.trunk)
+        return n
+
+    # ----- running in two parts ----------------------------------------------------------------------
+    def first_trainable_unit(self) -> int | None:
+        """Index (in forward order, :meth:`_ordered_units`) of the first unit with a trainable parameter,
+        ``None`` when the encoder is frozen: the units before it can run once per image and be cached."""
+        for i, (m, _) in enumerate(self._ordered_units()):
+            if any(p.requires_grad for p in m.parameters()):
+                return i
+        return None
+
+    def run_units(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Run the units ``start`` to ``stop`` (exclusive; ``None`` = to the end) of the forward pass.
+        ``run_units(run_units(x, 0, k), k)`` equals ``forward(x)`` for any ``k`` (tested)."""
+        units = self._ordered_units()
+        stop = len(units) if stop is None else stop
+        t = self.trunk
+        for module, _ in units[start:stop]:
+            if module is t.neck:  # tokens (B, 64*64, C) -> map (B, C, 64, 64), as TinyViT's forward_features
+                b, n, c = x.shape
+                side = int(round(n ** 0.5))
+                x = x.view(b, side, side, c).permute(0, 3, 1, 2)
+            x = module(x)
+        return x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, 256, 256)`` in ``[0, 1]`` -> ``(B, 256, 64, 64)`` image embedding."""
