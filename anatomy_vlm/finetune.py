@@ -224,6 +224,7 @@ def finetune_round(studies: str | os.PathLike, served: str | os.PathLike, demo_r
     from .data import CorrectionsDataset
     from .predict import Predictor
     from .train import load_config, train
+    from .model.adapters import adapter_settings
 
     cfg = dict(FINETUNE_DEFAULTS)
     unknown = set(settings or {}) - set(cfg)
@@ -231,8 +232,7 @@ def finetune_round(studies: str | os.PathLike, served: str | os.PathLike, demo_r
         raise ValueError(f"unknown fine-tuning setting(s) {sorted(unknown)}; valid: {sorted(cfg)}")
     cfg.update(settings or {})
     ad = cfg["encoder_adapters"]
-    if ad is not None and (not isinstance(ad, dict) or set(ad) - {"blocks", "rank", "alpha"}):
-        raise ValueError(f"encoder_adapters must be null or {{\"blocks\", \"rank\", \"alpha\"}}, got {ad!r}")
+    adapter_settings(ad)  # a bad setting fails here, before any background round starts
     if ad and int(cfg["encoder_blocks"]):
         raise ValueError("encoder_adapters and encoder_blocks exclude each other: adapt or train the blocks")
     served = Path(served)

@@ -78,6 +78,7 @@ from .data import (ChestImaGenomeDataset, ConcatSamples, CorrectionsDataset, Dem
 from .embed import cached_encoder, default_cache_dir, embed_files, encoder_tag
 from .losses import AnatomyCriterion
 from .model import box_cxcywh_to_xyxy, build_model, letterbox
+from .model.adapters import adapter_settings, map_to_tokens, tokens_to_map
 from .model.query_mask_head import mask_boxes
 
 DEFAULTS: dict[str, Any] = {
@@ -370,10 +371,8 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
             if not hasattr(model.encoder, "add_adapters"):
                 raise ValueError("train.encoder_adapters needs the LiteMedSAM encoder, "
                                  f"this model has {type(model.encoder).__name__}")
-            unknown = set(ad) - {"blocks", "rank", "alpha"}
-            if unknown:
-                raise ValueError(f"train.encoder_adapters: unknown keys {sorted(unknown)} (blocks, rank, alpha)")
-            model.encoder.add_adapters(int(ad.get("blocks", 2)), rank=int(ad.get("rank", 8)), alpha=ad.get("alpha"))
+            ad = adapter_settings(ad, "train.encoder_adapters")
+            model.encoder.add_adapters(ad["blocks"], rank=ad["rank"], alpha=ad["alpha"])
         config = dict(config, model=model.config)
     else:
         model = build_model(config["model"])
@@ -462,16 +461,18 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
             idx = order[b0: b0 + tc["batch_size"]]
             images, _, tgt = train_data.batch(idx, with_embeddings=False)
             emb = emb_all[idx].float() if emb_all is not None else None
-            pre = _tokens_to_map(prefix_all[idx].float()) if prefix_all is not None else None
+            pre = prefix_all[idx].float() if prefix_all is not None else None
             fa = tc.get("feature_affine")
             if (fa and (emb is not None or pre is not None) and "masks" in tgt and "mask_valid" not in tgt
                     and float(torch.rand(1, generator=gen)) < fa.get("prob", 1.0)):
-                if pre is not None:  # warp the cached prefix features: the trainable tail sees the warp
-                    pre, images, tgt = _feature_affine(pre, images, tgt, fa, gen)
+                if pre is not None:  # warp the cached prefix features (as a map): the trainable tail sees the warp
+                    tokens = pre.ndim == 3
+                    pre, images, tgt = _feature_affine(tokens_to_map(pre) if tokens else pre, images, tgt, fa, gen)
+                    pre = map_to_tokens(pre) if tokens else pre
                 else:
                     emb, images, tgt = _feature_affine(emb, images, tgt, fa, gen)
             if pre is not None:
-                emb = model.encoder.run_units(_map_to_tokens(pre, prefix_all.ndim).to(device), split_at)
+                emb = model.encoder.run_units(pre.to(device), split_at)
             if tc.get("image_jitter"):
                 images = jitter_images(images, tc["image_jitter"], gen)
             emb = emb.to(device) if emb is not None else None
@@ -551,20 +552,6 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         dist.barrier()
         dist.destroy_process_group()
     return result
-
-
-def _tokens_to_map(x: torch.Tensor) -> torch.Tensor:
-    """Prefix features as a map: ``(B, L, C)`` tokens -> ``(B, C, s, s)``; maps pass through."""
-    if x.ndim == 3:
-        b, n, c = x.shape
-        side = int(round(n ** 0.5))
-        return x.transpose(1, 2).reshape(b, c, side, side)
-    return x
-
-
-def _map_to_tokens(x: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Back to the layout the encoder tail expects (tokens when the cached prefix was tokens)."""
-    return x.flatten(2).transpose(1, 2).contiguous() if ndim == 3 else x
 
 
 def encoder_prefix(encoder, images: list[torch.Tensor], split_at: int, cache_dir, progress: bool = True,

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from anatomy_vlm.model.adapters import LoRALinear, add_adapters, adapter_parameters, has_adapters, merge_adapters
+from anatomy_vlm.model.adapters import (LoRALinear, adapter_parameters, adapter_settings, add_adapters, has_adapters,
+                                        map_to_tokens, merge_adapters, tokens_to_map)
 
 
 def test_an_adapter_starts_as_its_base_layer_and_merges_exactly():
@@ -35,6 +36,24 @@ def test_adapter_arguments_are_checked():
         LoRALinear(nn.Linear(4, 2), rank=3, alpha=1.0)
     with pytest.raises(ValueError, match="no nn.Linear"):
         add_adapters([nn.Conv2d(1, 1, 1)])
+
+
+def test_adapter_settings_get_defaults_and_clear_errors():
+    assert adapter_settings(None) is None and adapter_settings({}) is None
+    assert adapter_settings({"rank": 4}) == {"blocks": 2, "rank": 4, "alpha": None}
+    with pytest.raises(ValueError, match=r"x\.blocks must be an integer"):
+        adapter_settings({"blocks": "2"}, "x")
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        adapter_settings({"alpha": -1})
+
+
+def test_tokens_and_maps_round_trip():
+    x = torch.randn(2, 16, 5)
+    m = tokens_to_map(x)
+    assert m.shape == (2, 5, 4, 4) and torch.equal(m[1, :, 2, 3], x[1, 2 * 4 + 3])
+    assert torch.equal(map_to_tokens(m), x)
+    with pytest.raises(ValueError, match="square"):
+        tokens_to_map(torch.zeros(1, 15, 2))
 
 
 def test_add_and_merge_walk_nested_modules():
@@ -138,5 +157,7 @@ def test_adapters_and_trainable_blocks_exclude_each_other(tmp_path):
 
     with pytest.raises(ValueError, match="exclude each other"):
         finetune_round(tmp_path, tmp_path / "x.pt", None, {"encoder_adapters": {"blocks": 1}, "encoder_blocks": 2})
-    with pytest.raises(ValueError, match="encoder_adapters must be null"):
+    with pytest.raises(ValueError, match=r"encoder_adapters: unknown keys \['layers'\]"):
         finetune_round(tmp_path, tmp_path / "x.pt", None, {"encoder_adapters": {"layers": 1}})
+    with pytest.raises(ValueError, match="encoder_adapters must be null or an object"):
+        finetune_round(tmp_path, tmp_path / "x.pt", None, {"encoder_adapters": 2})

@@ -23,7 +23,10 @@ import math
 import torch
 import torch.nn as nn
 
-__all__ = ["LoRALinear", "add_adapters", "adapter_parameters", "merge_adapters", "has_adapters"]
+__all__ = ["LoRALinear", "add_adapters", "adapter_parameters", "merge_adapters", "has_adapters",
+           "adapter_settings", "tokens_to_map", "map_to_tokens"]
+
+ADAPTER_KEYS = ("blocks", "rank", "alpha")
 
 
 class LoRALinear(nn.Module):
@@ -111,3 +114,41 @@ def merge_adapters(module: nn.Module) -> int:
                 setattr(parent, name, child.merged())
                 n += 1
     return n
+
+
+def adapter_settings(settings, where: str = "encoder_adapters") -> dict | None:
+    """Check an adapter setting (``None``/empty, or a dict of ``blocks``, ``rank``, ``alpha``) and return it
+    with defaults filled in (``blocks`` 2, ``rank`` 8, ``alpha`` ``None`` = ``2 * rank``).
+
+    Raises:
+        ValueError: not a dict, unknown keys, or non-numeric values; ``where`` names the setting.
+    """
+    if not settings:
+        return None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{where} must be null or an object with keys {list(ADAPTER_KEYS)}, got {settings!r}")
+    unknown = set(settings) - set(ADAPTER_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)} (valid: {', '.join(ADAPTER_KEYS)})")
+    out = {"blocks": settings.get("blocks", 2), "rank": settings.get("rank", 8), "alpha": settings.get("alpha")}
+    for key in ("blocks", "rank"):
+        if not isinstance(out[key], int) or isinstance(out[key], bool):
+            raise ValueError(f"{where}.{key} must be an integer, got {out[key]!r}")
+    if out["alpha"] is not None and (isinstance(out["alpha"], bool) or not isinstance(out["alpha"], (int, float))
+                                     or not out["alpha"] > 0):
+        raise ValueError(f"{where}.alpha must be a positive number, got {out['alpha']!r}")
+    return out
+
+
+def tokens_to_map(x: torch.Tensor) -> torch.Tensor:
+    """TinyViT's tokens ``(B, s*s, C)`` -> a map ``(B, C, s, s)`` (as its ``forward_features`` before the neck)."""
+    b, n, c = x.shape
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise ValueError(f"{n} tokens do not form a square map")
+    return x.view(b, side, side, c).permute(0, 3, 1, 2)
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`tokens_to_map`: ``(B, C, s, s)`` -> ``(B, s*s, C)``."""
+    return x.flatten(2).transpose(1, 2).contiguous()

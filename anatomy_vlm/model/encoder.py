@@ -287,14 +287,14 @@ class LiteMedSAMEncoder(nn.Module):
     def run_units(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Run the units ``start`` to ``stop`` (exclusive; ``None`` = to the end) of the forward pass.
         ``run_units(run_units(x, 0, k), k)`` equals ``forward(x)`` for any ``k`` (tested)."""
+        from .adapters import tokens_to_map
+
         units = self._ordered_units()
         stop = len(units) if stop is None else stop
         t = self.trunk
         for module, _ in units[start:stop]:
             if module is t.neck:  # tokens (B, 64*64, C) -> map (B, C, 64, 64), as TinyViT's forward_features
-                b, n, c = x.shape
-                side = int(round(n ** 0.5))
-                x = x.view(b, side, side, c).permute(0, 3, 1, 2)
+                x = tokens_to_map(x)
             x = module(x)
         return x
 
