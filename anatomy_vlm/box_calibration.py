@@ -15,7 +15,8 @@ Fit it on the validation split, never on the test split the figures are reported
     anatomy-vlm calibrate-boxes --checkpoint apps/anatomy_vlm/model/anatomy_vlm.pt --demo data/demo --split val
 
 The checkpoint's ``meta["box_calibration"]`` then holds ``{"offsets": (29, 4) list, "split", "n_images",
-"min_images", "fitted": ISO time, "command", "map_before" / "map_after": mAP on the fitting split}``. A
+"min_images", "fitted": ISO time, "command", "map_before" / "map_after": mAP on the fitting split,
+"fingerprint": :meth:`~anatomy_vlm.data.DemoDataset.fingerprint` of that split}``. A
 fine-tuned checkpoint (``train`` with ``init_checkpoint``) carries its parent's calibration over.
 
 Annotators' corrections can refit it (:func:`refit_from_corrections`; a fine-tuning round does with
@@ -138,7 +139,7 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, demo_root: str | os.Path
                                   [{"id": i, "boxes": gt_a[i], "present": pres_a[i]} for i in range(len(boxes))])["mAP"]
 
     cal = {"offsets": np.round(off, 5).tolist(), "split": split, "n_images": len(ds), "min_images": int(min_images),
-           "demo_root": str(Path(demo_root)), "map_before": round(float(_map(raw_a)), 4),
+           "demo_root": str(Path(demo_root)), "fingerprint": ds.fingerprint(), "map_before": round(float(_map(raw_a)), 4),
            "map_after": round(float(_map(after)), 4),
            "fitted": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "command": f"anatomy-vlm calibrate-boxes --checkpoint {_shown(checkpoint)} --demo {_shown(demo_root)} "

@@ -58,6 +58,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict[
         state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
     if weights_dtype == "float16":
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.contiguous() for k, v in state.items()}  # weights trained channels-last are stored plain
     m = dict(meta or {})
     m["weights_dtype"] = weights_dtype
     m.setdefault("registry", REGISTRY_VERSION)

@@ -62,6 +62,7 @@ normalised ``(cx, cy, w, h)`` (default: the letterbox of ``anatomy_vlm.model.pre
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import math
 import os
@@ -146,6 +147,16 @@ class DemoDataset:
     def ids(self) -> list[str]:
         """Study ids in manifest order."""
         return [e["id"] for e in self.entries]
+
+    def fingerprint(self, limit: int | None = None) -> str:
+        """SHA-1 over the id, image bytes and reference-box bytes of the first ``limit`` studies (all by
+        default): two figures measured on the same fingerprint were measured on the same images and truth."""
+        from .cache import file_digest
+
+        h = hashlib.sha1(b"demo-split/1")
+        for e in self.entries[:limit]:
+            h.update(f"{e['id']}/{file_digest(self.root / e['image'])}/{file_digest(self.root / e['boxes'])};".encode())
+        return h.hexdigest()
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         e = self.entries[index]

@@ -412,6 +412,10 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
     if not init:  # a fine-tuned model keeps its prior
         model.decoder.set_box_prior(mean_boxes)
     model.to(device)
+    # the dense mask head's convolutions run ~10 % faster channels-last (oneDNN); saved weights load either way
+    dense_head = type(model.mask_head).__name__ == "DenseMaskHead"
+    if dense_head:
+        model.mask_head.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=tc["weight_decay"])
     steps_per_epoch = math.ceil(len(train_data) / (tc["batch_size"] * world))
@@ -476,6 +480,8 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
             if tc.get("image_jitter"):
                 images = jitter_images(images, tc["image_jitter"], gen)
             emb = emb.to(device) if emb is not None else None
+            if dense_head and emb is not None and emb.ndim == 4:
+                emb = emb.contiguous(memory_format=torch.channels_last)
             images = images.to(device)
             tgt = {k: v.to(device) for k, v in tgt.items()}
             with_masks = model.mask_head is not None and step % max(1, int(tc["mask_every"])) == 0

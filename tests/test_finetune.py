@@ -174,3 +174,39 @@ def test_versions_cli_lists_and_restores(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["served"] == "v0001" and served.read_bytes() == first
     assert main(["versions", "--checkpoint", str(served), "--restore", "v7"]) == 2  # a clear error, no traceback
     assert "unknown model version 'v7'" in capsys.readouterr().err
+
+
+def test_the_served_checkpoints_own_val_figure_stands_in_only_for_the_same_val_images(demo_studies, tmp_path,
+                                                                                     two_torch_threads):
+    from anatomy_vlm.checkpoint import update_checkpoint_meta
+    from anatomy_vlm.data import DemoDataset
+    from anatomy_vlm.finetune import ModelVersions, finetune_round
+
+    studies, served, _ = _round_setup(demo_studies, tmp_path)
+    val = DemoDataset(demo_studies.root, "val", load_masks=False)
+    assert len(val) >= 1
+    fp = val.fingerprint()
+    assert fp == val.fingerprint(len(val)) and len(fp) == 40
+    cal = {"offsets": [[0.0] * 4] * NUM_REGIONS, "split": "val", "n_images": len(val), "map_after": 0.123,
+           "fingerprint": fp}
+    update_checkpoint_meta(served, {"box_calibration": cal})
+    fast = {"epochs": 1, "replay_n": 2, "demo_val_n": len(val), "min_heldout_from": 3, "val_fraction": 0.5,
+            "tolerance": 1.0}
+    res = finetune_round(studies, served, demo_studies.root, fast, cache_dir=tmp_path / "cache")
+    prev = res["metrics"]["previous"]
+    assert prev["demo_val_map"] == 0.123 and "box calibration" in prev["demo_val_source"]
+    assert res["metrics"]["candidate"]["demo_val_map"] != 0.123  # the candidate is measured
+    ModelVersions(served).restore("v0001")
+
+    # other val images (a changed reference box changes the fingerprint): the served model is measured
+    shutil.rmtree(served.parent / "versions")
+    other = tmp_path / "demo"
+    shutil.copytree(demo_studies.root, other)
+    e = val.entries[0]
+    doc = json.loads((other / e["boxes"]).read_text())
+    doc["regions"][0]["box"] = None
+    (other / e["boxes"]).write_text(json.dumps(doc))
+    assert DemoDataset(other, "val", load_masks=False).fingerprint() != fp
+    res = finetune_round(studies, served, other, fast, cache_dir=tmp_path / "cache")
+    prev = res["metrics"]["previous"]
+    assert prev["demo_val_map"] != 0.123 and "demo_val_source" not in prev
