@@ -139,7 +139,8 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, demo_root: str | os.Path
                                   [{"id": i, "boxes": gt_a[i], "present": pres_a[i]} for i in range(len(boxes))])["mAP"]
 
     cal = {"offsets": np.round(off, 5).tolist(), "split": split, "n_images": len(ds), "min_images": int(min_images),
-           "demo_root": str(Path(demo_root)), "fingerprint": ds.fingerprint(), "map_before": round(float(_map(raw_a)), 4),
+           "demo_root": str(Path(demo_root)), "fingerprint": ds.fingerprint(),
+           "map_before": round(float(_map(raw_a)), 4),
            "map_after": round(float(_map(after)), 4),
            "fitted": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "command": f"anatomy-vlm calibrate-boxes --checkpoint {_shown(checkpoint)} --demo {_shown(demo_root)} "

@@ -197,16 +197,17 @@ def _demo_map(predictor, demo_root: str | os.PathLike, n: int) -> float | None:
 def _recorded_demo_map(meta: dict[str, Any], demo_root: str | os.PathLike | None, n: int) -> float | None:
     """The checkpoint's own demo-val mAP when it was measured on exactly the images the gate would use: the
     box calibration's ``map_after`` (the calibrated model on its fitting split), if the calibration was fitted
-    on the val split of this demo (same :meth:`~anatomy_vlm.data.DemoDataset.fingerprint`) with as many images
-    as the gate evaluates, and was fitted on this checkpoint's weights (not carried over from a parent)."""
+    on the val split of this demo and on the images the gate evaluates (same
+    :meth:`~anatomy_vlm.data.DemoDataset.fingerprint`), and was fitted on this checkpoint's weights (not
+    carried over from a parent)."""
     from .data import DemoDataset
 
     cal = meta.get("box_calibration") or {}
     if (not demo_root or cal.get("split") != "val" or cal.get("carried_from") or "map_after" not in cal
             or not cal.get("fingerprint") or not (Path(demo_root) / "manifest.json").is_file()):
         return None
-    ds = DemoDataset(demo_root, "val", load_masks=False)
-    if int(cal.get("n_images", -1)) != min(int(n), len(ds)) or ds.fingerprint(n) != cal["fingerprint"]:
+    # the calibration's fingerprint covers its whole split: equal only if the gate's first n are those images
+    if DemoDataset(demo_root, "val", load_masks=False).fingerprint(n) != cal["fingerprint"]:
         return None
     return float(cal["map_after"])
 
@@ -231,8 +232,8 @@ def finetune_round(studies: str | os.PathLike, served: str | os.PathLike, demo_r
         ``{"version", "parent", "served" (version now served), "promoted" (bool), "reason", "metrics":
         {"candidate": {...}, "previous": {...}}`` (``previous.demo_val_source`` says when the served checkpoint's
         recorded figure stood in for measuring it again: see :func:`_recorded_demo_map`), ``"corrected":
-        {"train", "heldout"}, "box_calibration_refit": [regions whose box offsets were refitted on the corrections], "seconds": {...}}`` (the refit counts
-        under ``validate``).
+        {"train", "heldout"}, "box_calibration_refit": [regions whose box offsets were refitted on the
+        corrections], "seconds": {...}}`` (the refit counts under ``validate``).
 
     Raises:
         ValueError: unknown settings, too few corrected studies, no served checkpoint.
@@ -307,16 +308,13 @@ def finetune_round(studies: str | os.PathLike, served: str | os.PathLike, demo_r
     for name, ckpt in (("candidate", path), ("previous", served)):
         p = Predictor.from_checkpoint(ckpt, cache_dir=cache_dir)
         m = {"heldout_iou": _heldout_iou(p, held_ds) if held_ds is not None else None}
-        recorded = None
-        if name == "previous" and not (known.get("demo_val_n") == n_val and "demo_val_map" in known):
-            recorded = _recorded_demo_map(p.meta, demo_root, n_val)  # measured when the checkpoint was made
-        if name == "previous" and known.get("demo_val_n") == n_val and "demo_val_map" in known:
-            m["demo_val_map"] = known["demo_val_map"]  # the served version's figure, measured when it was made
-        elif recorded is not None:
-            m["demo_val_map"] = recorded
-            m["demo_val_source"] = "checkpoint box calibration (same val images)"
-        else:
-            m["demo_val_map"] = _demo_map(p, demo_root, n_val) if demo_root else None
+        fig = None
+        if name == "previous":  # the served version's figure, measured when it was made
+            if known.get("demo_val_n") == n_val and "demo_val_map" in known:
+                fig = known["demo_val_map"]
+            elif (fig := _recorded_demo_map(p.meta, demo_root, n_val)) is not None:
+                m["demo_val_source"] = "checkpoint box calibration (same val images)"
+        m["demo_val_map"] = fig if fig is not None else _demo_map(p, demo_root, n_val) if demo_root else None
         m["demo_val_n"] = n_val
         metrics[name] = m
     if parent and "demo_val_map" not in known:

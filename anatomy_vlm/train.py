@@ -79,6 +79,7 @@ from .embed import cached_encoder, default_cache_dir, embed_files, encoder_tag
 from .losses import AnatomyCriterion
 from .model import box_cxcywh_to_xyxy, build_model, letterbox
 from .model.adapters import adapter_settings, map_to_tokens, tokens_to_map
+from .model.dense_mask_head import DenseMaskHead
 from .model.query_mask_head import mask_boxes
 
 DEFAULTS: dict[str, Any] = {
@@ -413,7 +414,7 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         model.decoder.set_box_prior(mean_boxes)
     model.to(device)
     # the dense mask head's convolutions run ~10 % faster channels-last (oneDNN); saved weights load either way
-    dense_head = type(model.mask_head).__name__ == "DenseMaskHead"
+    dense_head = isinstance(model.mask_head, DenseMaskHead)
     if dense_head:
         model.mask_head.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
