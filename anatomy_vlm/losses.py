@@ -130,19 +130,19 @@ def presence_loss(logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Per-mask soft Dice loss: ``(N, H, W)`` logits, ``(N, H, W)`` targets in [0, 1] -> ``(N,)``.
+    """Per-mask soft Dice loss: ``(..., H, W)`` logits, ``(..., H, W)`` targets in [0, 1] -> ``(...)``.
 
     ``1 - (2 |p t| + s) / (|p| + |t| + s)`` with ``p = sigmoid(logits)`` (DETR's form, ``s = 1``).
+    Any leading shape (``(N,)`` masks or a ``(B, K)`` batch) and any memory format.
     """
-    p = logits.sigmoid().flatten(1)
-    t = target.to(p.dtype).flatten(1)
-    return 1.0 - (2.0 * (p * t).sum(-1) + smooth) / (p.sum(-1) + t.sum(-1) + smooth)
+    p = logits.sigmoid()
+    t = target.to(p.dtype)
+    return 1.0 - (2.0 * (p * t).sum((-2, -1)) + smooth) / (p.sum((-2, -1)) + t.sum((-2, -1)) + smooth)
 
 
 def mask_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-mask BCE with logits, mean over pixels: ``(N, H, W)``, ``(N, H, W)`` -> ``(N,)``."""
-    return F.binary_cross_entropy_with_logits(
-        logits, target.to(logits.dtype), reduction="none").flatten(1).mean(-1)
+    """Per-mask BCE with logits, mean over pixels: ``(..., H, W)``, ``(..., H, W)`` -> ``(...)``."""
+    return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none").mean((-2, -1))
 
 
 def projection_loss(logits: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Tensor:
@@ -164,11 +164,25 @@ def projection_loss(logits: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Ten
     return loss
 
 
+def _weighted_mean(values: torch.Tensor, sel: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the entries where the bool ``sel`` (same shape) is True: the same figure
+    as ``values[sel].mean()`` without the gather (and its scatter in backward); 0 connected to
+    ``anchor``'s graph when nothing is selected."""
+    n = sel.sum()
+    if int(n) == 0:
+        return anchor.sum() * 0.0
+    return (values * sel.to(values.dtype)).sum() / n.to(values.dtype)
+
+
 def _masked_mean(values: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     """Mean of a 1D tensor; 0 connected to ``anchor``'s graph when empty (so backward still works)."""
     if values.numel() == 0:
         return anchor.sum() * 0.0
     return values.mean()
+
+
+def _is_identity(idx: torch.Tensor) -> bool:
+    return bool(torch.equal(idx, torch.arange(idx.numel(), device=idx.device)))
 
 
 def _field(obj: Any, names: tuple[str, ...], required: bool, what: str) -> Any:
@@ -234,6 +248,8 @@ class AnatomyCriterion(torch.nn.Module):
         pred_boxes = _field(predictions, _PRED_FIELDS["boxes"], True, "predictions")
         pred_presence = _field(predictions, _PRED_FIELDS["presence_logits"], True, "predictions")
         pred_masks = _field(predictions, _PRED_FIELDS["mask_logits"], False, "predictions")
+        if pred_masks is not None:  # (channels-last logits of the dense head: the reductions below run ~2x faster)
+            pred_masks = pred_masks.contiguous()
         tgt_boxes = _field(targets, ("boxes",), True, "targets").to(pred_boxes)
         present = _field(targets, ("present",), True, "targets").to(device=pred_boxes.device, dtype=torch.bool)
         valid = _field(targets, ("valid",), False, "targets")
@@ -266,15 +282,29 @@ class AnatomyCriterion(torch.nn.Module):
             if pred_masks.shape[:2] != (B, K) or tgt_masks.shape[:2] != (B, K):
                 raise ValueError(f"masks must be (B, K, H, W) with (B, K) = ({B}, {K}); got predictions "
                                  f"{tuple(pred_masks.shape)}, targets {tuple(tgt_masks.shape)}")
-            mvalid = box_sel if mask_valid is None else (mask_valid.to(box_sel.device, torch.bool) & box_sel)
-            logits = pred_masks[:, q_idx][mvalid]                             # (M, h, w)
-            target = _resize_masks(tgt_masks[:, r_idx].to(logits.device)[mvalid], tuple(logits.shape[-2:]))
-            losses["loss_mask_dice"] = _masked_mean(dice_loss(logits, target), pred_masks)
-            losses["loss_mask_bce"] = _masked_mean(mask_bce_loss(logits, target), pred_masks)
+            known = None if mask_valid is None else mask_valid.to(box_sel.device, torch.bool)[:, r_idx]
+            mvalid = box_sel if known is None else (known & box_sel)          # (B, K)
+            # The mask terms are computed on the whole (B, K, h, w) batch and averaged over the selected
+            # masks (the same figure as gathering them first): nearly every mask is selected in training,
+            # and the gather would copy the batch's logits once more and scatter their gradient back.
+            if bool(mvalid.any()):
+                logits = pred_masks[:, q_idx] if not _is_identity(q_idx) else pred_masks
+                target = tgt_masks[:, r_idx] if not _is_identity(r_idx) else tgt_masks
+                target = target.to(logits.device)
+                if tuple(target.shape[-2:]) != tuple(logits.shape[-2:]):
+                    target = _resize_masks(target.flatten(0, 1), tuple(logits.shape[-2:])).view(
+                        B, K, *logits.shape[-2:])
+                losses["loss_mask_dice"] = _weighted_mean(dice_loss(logits, target), mvalid, pred_masks)
+                losses["loss_mask_bce"] = _weighted_mean(mask_bce_loss(logits, target), mvalid, pred_masks)
+            else:
+                losses["loss_mask_dice"] = losses["loss_mask_bce"] = pred_masks.sum() * 0.0
             # regions with a known box but no known mask (box-only corrections): the projection term
-            psel = box_sel & ~(torch.ones_like(box_sel) if mask_valid is None else mask_valid.to(box_sel.device, torch.bool))
-            losses["loss_mask_proj"] = _masked_mean(
-                projection_loss(pred_masks[:, q_idx][psel], cxcywh_to_xyxy(tgt_boxes[psel])), pred_masks)
+            psel = box_sel & ~known if known is not None else torch.zeros_like(box_sel)
+            if bool(psel.any()):
+                losses["loss_mask_proj"] = projection_loss(pred_masks[:, q_idx][psel],
+                                                           cxcywh_to_xyxy(tgt_boxes[psel])).mean()
+            else:
+                losses["loss_mask_proj"] = pred_masks.sum() * 0.0
 
         total = sum((self.weights[k] * v for k, v in losses.items()), pred_boxes.sum() * 0.0)
         losses["loss"] = total

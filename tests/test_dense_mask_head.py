@@ -30,6 +30,25 @@ def test_head_gives_one_mask_per_region_in_the_input_frame():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("use_image", [True, False])
+def test_per_pixel_stage_is_the_two_convolutions(use_image):
+    """The 256x256 stage runs as matrix products over pixels: same values and gradients as fine2 and out."""
+    torch.manual_seed(0)
+    head = DenseMaskHead(widths=(16, 16, 16), fine=(8, 8), use_image=use_image)
+    f = 8 + (9 if use_image else 0)
+    parts = [torch.randn(2, 8, 32, 32).contiguous(memory_format=torch.channels_last)]
+    if use_image:
+        parts += [torch.randn(2, 8, 32, 32), torch.rand(2, 1, 32, 32)]
+    assert head.fine2[0].in_channels == f
+    a = head._per_pixel(parts)
+    b = head.out(head.fine2(torch.cat(parts, 1)))
+    assert a.shape == b.shape == (2, NUM_REGIONS, 32, 32) and a.is_contiguous()
+    assert torch.allclose(a, b, atol=1e-5)
+    ga = torch.autograd.grad(a.square().sum(), [head.fine2[0].weight, head.out.weight])
+    gb = torch.autograd.grad(b.square().sum(), [head.fine2[0].weight, head.out.weight])
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-4) for x, y in zip(ga, gb))
+
+
 def test_head_without_image_raises_a_clear_error():
     head = DenseMaskHead(widths=(16, 16, 16), fine=(8, 8))
     with pytest.raises(ValueError, match="letterboxed image"):

@@ -9,7 +9,8 @@ import torch
 
 from anatomy_vlm.anatomy import NUM_REGIONS
 from anatomy_vlm.losses import (
-    DEFAULT_WEIGHTS, LOSS_TERMS, AnatomyCriterion, BatchTargets, cxcywh_to_xyxy, dice_loss, giou_loss, match_identity,
+    DEFAULT_WEIGHTS, LOSS_TERMS, AnatomyCriterion, BatchTargets, cxcywh_to_xyxy, dice_loss, giou_loss, mask_bce_loss,
+    match_identity,
 )
 
 K = NUM_REGIONS
@@ -185,3 +186,24 @@ def test_shape_errors_have_messages():
         AnatomyCriterion()(p, t)
     with pytest.raises(KeyError, match="presence_logits"):
         AnatomyCriterion()({"boxes": t["boxes"]}, t)
+
+
+def test_mask_terms_equal_the_mean_over_the_selected_masks_and_their_gradients():
+    # the criterion weights the whole (B, K) batch instead of gathering the selected masks: same figures
+    g = torch.Generator().manual_seed(3)
+    t = _targets(size=24)
+    t["present"][1, 4] = False
+    mv = torch.rand(2, K, generator=g) > 0.3
+    logits = torch.randn(2, K, 24, 24, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    p = dict(_perfect(t), mask_logits=logits)
+    out = AnatomyCriterion(ALL_ONES)(p, dict(t, mask_valid=mv))
+    sel = mv & t["valid"] & t["present"]
+    ref = logits.detach().clone().requires_grad_(True)
+    want_dice = dice_loss(ref[sel], t["masks"][sel]).mean()
+    want_bce = mask_bce_loss(ref[sel], t["masks"][sel]).mean()
+    assert out["loss_mask_dice"].item() == pytest.approx(want_dice.item(), abs=1e-6)
+    assert out["loss_mask_bce"].item() == pytest.approx(want_bce.item(), abs=1e-6)
+    (out["loss_mask_dice"] + out["loss_mask_bce"]).backward()
+    (want_dice + want_bce).backward()
+    assert torch.allclose(logits.grad, ref.grad, atol=1e-7)
+    assert float(logits.grad[~sel].abs().sum()) == 0.0  # unselected masks get no gradient
