@@ -82,7 +82,7 @@ from .labels import region_stack
 
 __all__ = [
     "SPLITS", "DemoDataset", "ChestImaGenomeDataset", "BoxMapping", "to_model_targets",
-    "collate_targets", "model_boxes_to_pixels", "empty_sample_labels",
+    "collate_targets", "model_boxes_to_pixels", "empty_sample_labels", "replay_indices",
 ]
 
 log = logging.getLogger(__name__)
@@ -446,6 +446,14 @@ class CorrectionsDataset:
                 "masks": masks, "mask_valid": mask_valid, "spacing": rg.spacing,
                 "meta": {"dataset": "corrections", "image_path": str(e["image"]), "confirmed": sorted(confirmed),
                          "confirmed_masks": sorted(mask_names)}}
+
+
+def replay_indices(total: int, n: int | None, seed: int) -> list[int]:
+    """Which of ``total`` pretraining studies a fine-tuning round replays: a seeded sample of ``n``
+    (sorted), or all of them when ``n`` is ``None`` or not below ``total``."""
+    if n is None or int(n) >= total:
+        return list(range(total))
+    return sorted(int(i) for i in np.random.default_rng(int(seed)).permutation(total)[:int(n)])
 
 
 class SubsetSamples:

@@ -45,7 +45,7 @@ import numpy as np
 
 from .io import copy_file_atomic, write_json_atomic
 
-__all__ = ["FINETUNE_DEFAULTS", "ModelVersions", "finetune_round", "heldout_split"]
+__all__ = ["FINETUNE_DEFAULTS", "ModelVersions", "finetune_round", "heldout_split", "round_images"]
 
 FINETUNE_DEFAULTS: dict[str, Any] = {
     "epochs": 4, "batch_size": 8, "lr": 3e-4, "lr_min": 1e-5, "replay_n": 16, "replay_seed": 0,
@@ -167,6 +167,24 @@ def heldout_split(ids: list[str], fraction: float, min_from: int) -> tuple[list[
     if len(held) == len(ids):
         held = held[1:]
     return [i for i in ids if i not in held], held
+
+
+def round_images(demo_root: str | os.PathLike | None, settings: dict[str, Any] | None = None) -> list[Path]:
+    """The demo images a round with these settings reads besides the corrections: its replay sample
+    (``replay_n`` of the demo training split, drawn with ``replay_seed`` as the trainer draws them) and the
+    gate's validation images (the first ``demo_val_n`` of the val split). The app encodes them in the
+    background once corrections arrive, so the first round does not wait for the encoder. Unknown
+    settings are ignored here (the round itself rejects them); no demo folder gives ``[]``."""
+    from .data import DemoDataset, replay_indices
+
+    cfg = dict(FINETUNE_DEFAULTS, **{k: v for k, v in (settings or {}).items() if k in FINETUNE_DEFAULTS})
+    if not demo_root or not (Path(demo_root) / "manifest.json").is_file():
+        return []
+    train = DemoDataset(demo_root, "train", load_masks=False)
+    val = DemoDataset(demo_root, "val", load_masks=False)
+    pick = replay_indices(len(train), cfg["replay_n"], int(cfg["replay_seed"]))
+    return ([train.root / train.entries[i]["image"] for i in pick]
+            + [val.root / e["image"] for e in val.entries[:int(cfg["demo_val_n"])]])
 
 
 def _heldout_iou(predictor, dataset) -> float | None:

@@ -74,7 +74,7 @@ from .augment import augment_sample, augmented_digest, copy_seed
 from .cache import EmbeddingCache, file_digest, module_digest
 from .checkpoint import save_checkpoint
 from .data import (ChestImaGenomeDataset, ConcatSamples, CorrectionsDataset, DemoDataset, SubsetSamples,
-                   to_model_targets)
+                   replay_indices, to_model_targets)
 from .embed import cached_encoder, default_cache_dir, embed_files, encoder_tag
 from .losses import AnatomyCriterion
 from .model import box_cxcywh_to_xyxy, build_model, letterbox
@@ -151,10 +151,9 @@ def _datasets(data_cfg: dict):
         if data_cfg.get("replay_root"):
             replay = DemoDataset(data_cfg["replay_root"], data_cfg.get("replay_split", "train"))
             val_replay = DemoDataset(data_cfg["replay_root"], data_cfg.get("replay_val_split", "val"))
-            n = data_cfg.get("replay_n")
-            if n is not None and int(n) < len(replay):  # a seeded sample of the pretraining data
-                pick = np.random.default_rng(int(data_cfg.get("replay_seed", 0))).permutation(len(replay))[:int(n)]
-                replay = SubsetSamples(replay, sorted(int(i) for i in pick))
+            pick = replay_indices(len(replay), data_cfg.get("replay_n"), int(data_cfg.get("replay_seed", 0)))
+            if len(pick) < len(replay):  # a seeded sample of the pretraining data
+                replay = SubsetSamples(replay, pick)
             n = data_cfg.get("replay_val_n")
             if n is not None and int(n) < len(val_replay):
                 val_replay = SubsetSamples(val_replay, range(int(n)))

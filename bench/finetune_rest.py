@@ -1,6 +1,6 @@
 """Benchmark: one ``anatomy_finetune`` round over REST on 10 corrected studies, with infer calls meanwhile.
 
-    .venv/bin/python bench/finetune_rest.py [--n 10]
+    .venv/bin/python bench/finetune_rest.py [--n 10] [--cold --pause 90] [--conf warm_finetune=false]
 
 What it does, in one run on this machine:
   * copies the demo studies (a temporary folder next to a copy of the demo manifest, so replay and the
@@ -8,6 +8,9 @@ What it does, in one run on this machine:
     shipped checkpoint;
   * a simulated annotator saves ``n`` corrections over ``PUT /datastore/label`` (each study's ground-truth
     masks as a mask label, which confirms all 29 regions with their boxes);
+  * (``--pause S``: the annotator's time between the last correction and the training request; with
+    ``--cold`` the embedding cache starts empty, as on a fresh server, so what the server encodes in the
+    background meanwhile, app conf ``warm_finetune``, is what the first round finds cached);
   * ``POST /train/anatomy_finetune``, then ``anatomy_detection`` calls on a cached image every 0.5 s until
     the round ends: the round's wall time (request to DONE, MONAI Label's background process included) and
     the infer latencies during it against the same calls before it.
@@ -37,6 +40,11 @@ def main(argv=None) -> int:
     p.add_argument("--demo", default=str(ROOT / "data/demo"))
     p.add_argument("--cache", default=str(ROOT / "data/cache/embeddings"))
     p.add_argument("--n", type=int, default=10)
+    p.add_argument("--cold", action="store_true",
+                   help="start from an empty embedding cache (a fresh server) instead of --cache")
+    p.add_argument("--pause", type=float, default=0.0,
+                   help="seconds between the last correction and the training request (the annotator's time)")
+    p.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE", help="extra app conf")
     a = p.parse_args(argv)
     import requests
 
@@ -49,7 +57,9 @@ def main(argv=None) -> int:
     shutil.copytree(ROOT / "apps/anatomy_vlm", app, ignore=shutil.ignore_patterns("model", "logs", "bin"))
     (app / "model").mkdir()
     shutil.copy2(a.checkpoint, app / "model" / "anatomy_vlm.pt")
-    server = Server(app, demo / "studies", tmp, {"embedding_cache": a.cache, "prefetch_lookahead": 0})
+    cache = str(tmp / "cache" / "embeddings") if a.cold else a.cache
+    conf = {"embedding_cache": cache, "prefetch_lookahead": 0, **dict(c.split("=", 1) for c in a.conf)}
+    server = Server(app, demo / "studies", tmp, conf)
     url = server.url
     try:
         manifest = json.loads((demo / "manifest.json").read_text())
@@ -74,6 +84,8 @@ def main(argv=None) -> int:
 
         infer()
         before = [infer() for _ in range(7)]
+        if a.pause > 0:
+            time.sleep(a.pause)
         t0 = time.perf_counter()
         r = requests.post(f"{url}/train/anatomy_finetune", json={}, timeout=60)
         if r.status_code != 200:
@@ -91,6 +103,7 @@ def main(argv=None) -> int:
         server.stop()
     res = {"data": f"{a.n} demo training studies (projected from the real chest CT) corrected from their ground "
                    "truth masks; replay and validation from the demo studies",
+           "embedding_cache": "empty at the start" if a.cold else a.cache, "pause_s": a.pause, "conf": conf,
            "status": st.get("status"), "round_wall_s": round(wall, 1),
            "round_library_seconds": stats.get("seconds"), "promoted": stats.get("promoted"),
            "reason": stats.get("reason"), "metrics": stats.get("metrics"),

@@ -64,7 +64,8 @@ def app_env(request, demo_studies, tmp_path_factory):
         mp.setattr(settings, "MONAI_LABEL_APP_DIR", str(APP_DIR))
         mp.setattr(settings, "MONAI_LABEL_STUDIES", str(studies))
         mp.setattr(settings, "MONAI_LABEL_APP_CONF",
-                   {"checkpoint": str(checkpoint), "embedding_cache": str(base / "embeddings")})
+                   {"checkpoint": str(checkpoint), "embedding_cache": str(base / "embeddings"),
+                    "replay_demo": str(demo_studies.root)})
         mp.setattr(settings, "MONAI_LABEL_DATASTORE_AUTO_RELOAD", False)
         mp.setattr(settings, "MONAI_LABEL_SESSION_PATH", str(base / "sessions"))
         yield {"studies": studies, "checkpoint": checkpoint, "base": base}
@@ -205,6 +206,44 @@ def test_active_learning_pick_is_encoded_in_the_background(client, app_env, with
     assert predictor.cache.get(file_digest(path)) is not None
     r = client.post("/infer/anatomy_detection", params={"image": r.json()["id"]})
     assert r.status_code == 200, r.text
+
+
+def test_a_saved_correction_queues_the_next_rounds_images_for_encoding(client, app_env, with_checkpoint,
+                                                                         demo_studies, monkeypatch):
+    """The first saved label queues the demo images the next fine-tuning round reads (replay sample, the
+    gate's val images) and the corrected image for background encoding, so the first round finds them
+    cached; later saves queue only their own image."""
+    from monailabel.interfaces.utils.app import app_instance
+
+    from anatomy_vlm.cache import file_digest
+    from anatomy_vlm.finetune import round_images
+    from lib.infers.anatomy_infer import SharedPredictor
+
+    wanted = {str(p) for p in round_images(demo_studies.root)}
+    assert wanted
+    app_instance()._warmed.clear()  # as on a fresh server
+    predictor = SharedPredictor.for_checkpoint(str(app_env["checkpoint"]), str(app_env["base"] / "embeddings")).get()
+    queued: list = []
+    real = predictor.prefetch
+
+    def recording(paths):
+        paths = [str(p) for p in paths]
+        queued.append(paths)
+        return real(paths)
+
+    monkeypatch.setattr(predictor, "prefetch", recording)
+    images = demo_studies.ids(".dcm")[:2]
+    for image in images:
+        prev = json.loads((app_env["studies"] / "labels" / "boxes" / f"{image}.boxes.json").read_text())
+        body = {"regions": [r for r in prev["regions"] if r["name"] == "right lung"]}
+        r = client.put("/datastore/label", params={"image": image},
+                       files={"label": ("c.json", json.dumps(body).encode())}, data={"params": json.dumps({"user": "a"})})
+        assert r.status_code == 200, r.text
+    paths = [str(app_env["studies"] / f"{i}.dcm") for i in images]
+    assert len(queued) == 2 and set(queued[0]) == wanted | {paths[0]} and queued[1] == [paths[1]]
+    assert predictor.join_prefetch(timeout=600), "background encoding did not finish"
+    for path in [*wanted, *paths]:
+        assert predictor.cache.get(file_digest(path)) is not None, path
 
 
 def _multipart(r):

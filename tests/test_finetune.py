@@ -210,3 +210,24 @@ def test_the_served_checkpoints_own_val_figure_stands_in_only_for_the_same_val_i
     res = finetune_round(studies, served, other, fast, cache_dir=tmp_path / "cache")
     prev = res["metrics"]["previous"]
     assert prev["demo_val_map"] != 0.123 and "demo_val_source" not in prev
+
+
+def test_round_images_are_the_replay_sample_and_gate_images_a_round_reads(demo_studies, tmp_path):
+    from anatomy_vlm.data import DemoDataset
+    from anatomy_vlm.finetune import round_images
+    from anatomy_vlm.train import _datasets
+
+    studies, _, _ = _round_setup(demo_studies, tmp_path)
+    train_ds = DemoDataset(demo_studies.root, "train", load_masks=False)
+    val = DemoDataset(demo_studies.root, "val", load_masks=False)
+    for n, seed in ((2, 0), (2, 5), (None, 0)):
+        data = {"kind": "corrections", "studies": str(studies), "replay_root": str(demo_studies.root),
+                "replay_n": n, "replay_seed": seed}
+        ds, _ = _datasets(data)
+        n_corr = len(ds.datasets[0])
+        replay = [ds.path_of(i) for i in range(n_corr, len(ds))]  # what the trainer replays
+        got = round_images(demo_studies.root, {"replay_n": n if n is not None else 10 ** 6, "replay_seed": seed,
+                                                "demo_val_n": 1})
+        assert got == replay + [val.root / val.entries[0]["image"]]
+        assert len(replay) == (min(n, len(train_ds)) if n is not None else len(train_ds))
+    assert round_images(None) == [] and round_images(tmp_path) == []

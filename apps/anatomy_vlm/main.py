@@ -14,6 +14,9 @@ App conf (``--conf KEY VALUE``):
     replay_demo: demo studies folder (holds ``manifest.json``) whose training split is replayed and whose
         validation split gates ``anatomy_finetune``; default the studies folder's parent when it is one,
         ``none`` for neither.
+    warm_finetune: after the first saved label, encode in the background the demo images the next
+        ``anatomy_finetune`` round reads (replay sample, val images) and each corrected image (default
+        ``true``; ``false`` turns it off).
 
 Layout as in MONAI Label's sample apps: ``lib/configs`` holds one ``TaskConfig`` per task,
 ``lib/infers`` / ``lib/trainers`` / ``lib/activelearning`` the thin adapters over the
@@ -106,6 +109,7 @@ class AnatomyVLMApp(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
         conf = dict(conf or {})
+        self._warmed: set = set()  # encoder tags whose next-round demo images were queued for encoding
         self.model_dir = os.path.join(app_dir, "model")
         self.models: Dict[str, AnatomyTaskConfig] = {}
         for name in select_models(conf.get("models", "all")):
@@ -138,6 +142,7 @@ class AnatomyVLMApp(MONAILabelApp):
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
             box_offsets=self._served_box_offsets,
+            on_saved=self._warm_finetune,
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
@@ -188,6 +193,26 @@ class AnatomyVLMApp(MONAILabelApp):
         convention), or ``None``."""
         predictor = self._predictor()
         return None if predictor is None else predictor.box_calibration
+
+    def _warm_finetune(self, image_id: str) -> int:
+        """After a label is saved: queue its image and, the first time for the served encoder, the demo
+        images the next fine-tuning round reads (replay sample and the gate's val images,
+        :func:`anatomy_vlm.finetune.round_images`) for background encoding, so the first round does not
+        wait for the encoder (about 0.5 s per image here). App conf ``warm_finetune false`` turns it off.
+        Returns how many images were queued."""
+        if str(self.conf.get("warm_finetune", "true")).lower() in ("0", "false", "no", "off"):
+            return 0
+        predictor = self._predictor()
+        if predictor is None:
+            return 0
+        paths = [self.datastore().get_image_uri(image_id)]
+        trainer = getattr(self, "_trainers", {}).get("anatomy_finetune")
+        if trainer is not None and trainer.demo_root and predictor.cache.tag not in self._warmed:
+            from anatomy_vlm.finetune import round_images
+
+            self._warmed.add(predictor.cache.tag)
+            paths += [str(p) for p in round_images(trainer.demo_root, trainer.config())]
+        return predictor.prefetch(p for p in paths if p)
 
     def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
         return {}

@@ -49,15 +49,28 @@ class AnatomyDatastore(LocalDatastore):
 
     Args:
         box_offsets: Called at each mask correction; returns the served checkpoint's ``(29, 4)`` box
-            calibration offsets, or ``None`` (no checkpoint, or one without a calibration). Other arguments
-            are :class:`LocalDatastore`'s.
+            calibration offsets, or ``None`` (no checkpoint, or one without a calibration).
+        on_saved: Called with the image id after each label is stored (the app queues background encoding
+            for the next fine-tuning round there); its errors are logged, never the request's.
+        Other arguments are :class:`LocalDatastore`'s.
     """
 
-    def __init__(self, *args, box_offsets: Optional[Callable[[], Any]] = None, **kwargs):
+    def __init__(self, *args, box_offsets: Optional[Callable[[], Any]] = None,
+                 on_saved: Optional[Callable[[str], None]] = None, **kwargs):
         self._box_offsets = box_offsets
+        self._on_saved = on_saved
         super().__init__(*args, **kwargs)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
+        result = self._save_label(image_id, label_filename, label_tag, label_info)
+        if self._on_saved is not None:
+            try:
+                self._on_saved(image_id)
+            except Exception as e:  # noqa: BLE001 - the label is stored; what follows is an optimisation
+                logger.warning(f"after saving the label of {image_id}: {e}")
+        return result
+
+    def _save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         label_info = dict(label_info or {})
         try:
             check_id(image_id)
