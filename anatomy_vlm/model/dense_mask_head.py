@@ -110,9 +110,9 @@ class DenseMaskHead(nn.Module):
     def _per_pixel(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The 256x256 stage: ``fine2`` (1x1 conv, GELU) and ``out`` (1x1 conv) over the channel
         concatenation of ``parts``, computed as matrix products over pixels with the convolutions' own
-        weights: the same function as the convolutions, but a training step's forward and backward
-        here take about half the time (a 1x1 convolution at this size is dominated by memory-format
-        conversions on a CPU). Returns contiguous ``(B, K, H, W)`` logits."""
+        weights: the same function as the convolutions without their memory-format conversions at this
+        size on a CPU (a training step of batch 8 ~5 % faster here, measured A/B in one process).
+        Returns contiguous ``(B, K, H, W)`` logits."""
         conv, act = self.fine2[0], self.fine2[1]
         B, _, H, W = parts[0].shape
         x = torch.cat([t.permute(0, 2, 3, 1) for t in parts], -1).reshape(B, H * W, -1)  # (B, HW, C) pixels
