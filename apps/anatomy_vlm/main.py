@@ -36,6 +36,7 @@ import inspect
 import logging
 import os
 import sys
+import threading
 from typing import Dict, Iterable, List
 
 try:
@@ -110,6 +111,7 @@ class AnatomyVLMApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
         conf = dict(conf or {})
         self._warmed: set = set()  # encoder tags whose next-round demo images were queued for encoding
+        self._warm_lock = threading.Lock()
         self.model_dir = os.path.join(app_dir, "model")
         self.models: Dict[str, AnatomyTaskConfig] = {}
         for name in select_models(conf.get("models", "all")):
@@ -194,25 +196,38 @@ class AnatomyVLMApp(MONAILabelApp):
         predictor = self._predictor()
         return None if predictor is None else predictor.box_calibration
 
-    def _warm_finetune(self, image_id: str) -> int:
-        """After a label is saved: queue its image and, the first time for the served encoder, the demo
-        images the next fine-tuning round reads (replay sample and the gate's val images,
-        :func:`anatomy_vlm.finetune.round_images`) for background encoding, so the first round does not
-        wait for the encoder (about 0.5 s per image here). App conf ``warm_finetune false`` turns it off.
-        Returns how many images were queued."""
+    def _warm_finetune(self, image_id: str) -> None:
+        """After a label is saved: in a background thread (the save's response does not wait for a
+        checkpoint to load), :meth:`_queue_for_finetune`. App conf ``warm_finetune false`` turns it off."""
         if str(self.conf.get("warm_finetune", "true")).lower() in ("0", "false", "no", "off"):
-            return 0
-        predictor = self._predictor()
-        if predictor is None:
-            return 0
-        paths = [self.datastore().get_image_uri(image_id)]
-        trainer = getattr(self, "_trainers", {}).get("anatomy_finetune")
-        if trainer is not None and trainer.demo_root and predictor.cache.tag not in self._warmed:
-            from anatomy_vlm.finetune import round_images
+            return
+        threading.Thread(target=self._queue_for_finetune, args=(image_id,), name="anatomy-vlm-warm-finetune",
+                         daemon=True).start()
 
-            self._warmed.add(predictor.cache.tag)
-            paths += [str(p) for p in round_images(trainer.demo_root, trainer.config())]
-        return predictor.prefetch(p for p in paths if p)
+    def _queue_for_finetune(self, image_id: str) -> int:
+        """Queue the saved image and, the first time for the served encoder, the demo images the next
+        fine-tuning round reads (replay sample and the gate's val images,
+        :func:`anatomy_vlm.finetune.round_images`) for background encoding, so the first round does not
+        wait for the encoder (about 0.5 s per image here). Returns how many images were queued; errors
+        are logged (this is an optimisation)."""
+        try:
+            predictor = self._predictor()
+            if predictor is None:
+                return 0
+            paths = [self.datastore().get_image_uri(image_id)]
+            trainer = getattr(self, "_trainers", {}).get("anatomy_finetune")
+            with self._warm_lock:
+                first = trainer is not None and bool(trainer.demo_root) and predictor.cache.tag not in self._warmed
+                if first:
+                    self._warmed.add(predictor.cache.tag)
+            if first:
+                from anatomy_vlm.finetune import round_images
+
+                paths += [str(p) for p in round_images(trainer.demo_root, trainer.config())]
+            return predictor.prefetch(p for p in paths if p)
+        except Exception as e:  # noqa: BLE001
+            logger.warning(f"queueing images for the next fine-tuning round after saving {image_id}: {e}")
+            return 0
 
     def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
         return {}
