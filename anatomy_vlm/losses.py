@@ -181,10 +181,6 @@ def _masked_mean(values: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     return values.mean()
 
 
-def _is_identity(idx: torch.Tensor) -> bool:
-    return bool(torch.equal(idx, torch.arange(idx.numel(), device=idx.device)))
-
-
 def _field(obj: Any, names: tuple[str, ...], required: bool, what: str) -> Any:
     for n in names:
         v = obj.get(n) if isinstance(obj, Mapping) else getattr(obj, n, None)
@@ -282,29 +278,25 @@ class AnatomyCriterion(torch.nn.Module):
             if pred_masks.shape[:2] != (B, K) or tgt_masks.shape[:2] != (B, K):
                 raise ValueError(f"masks must be (B, K, H, W) with (B, K) = ({B}, {K}); got predictions "
                                  f"{tuple(pred_masks.shape)}, targets {tuple(tgt_masks.shape)}")
-            known = None if mask_valid is None else mask_valid.to(box_sel.device, torch.bool)[:, r_idx]
+            known = None if mask_valid is None else mask_valid.to(box_sel.device, torch.bool)
             mvalid = box_sel if known is None else (known & box_sel)          # (B, K)
             # The mask terms are computed on the whole (B, K, h, w) batch and averaged over the selected
             # masks (the same figure as gathering them first): nearly every mask is selected in training,
             # and the gather would copy the batch's logits once more and scatter their gradient back.
+            # (the matching is the identity, so mask logits and targets are used in place, unindexed)
             if bool(mvalid.any()):
-                logits = pred_masks[:, q_idx] if not _is_identity(q_idx) else pred_masks
-                target = tgt_masks[:, r_idx] if not _is_identity(r_idx) else tgt_masks
-                target = target.to(logits.device)
-                if tuple(target.shape[-2:]) != tuple(logits.shape[-2:]):
-                    target = _resize_masks(target.flatten(0, 1), tuple(logits.shape[-2:])).view(
-                        B, K, *logits.shape[-2:])
-                losses["loss_mask_dice"] = _weighted_mean(dice_loss(logits, target), mvalid, pred_masks)
-                losses["loss_mask_bce"] = _weighted_mean(mask_bce_loss(logits, target), mvalid, pred_masks)
+                target = tgt_masks.to(pred_masks.device)
+                if tuple(target.shape[-2:]) != tuple(pred_masks.shape[-2:]):
+                    target = _resize_masks(target.flatten(0, 1), tuple(pred_masks.shape[-2:])).view(
+                        B, K, *pred_masks.shape[-2:])
+                losses["loss_mask_dice"] = _weighted_mean(dice_loss(pred_masks, target), mvalid, pred_masks)
+                losses["loss_mask_bce"] = _weighted_mean(mask_bce_loss(pred_masks, target), mvalid, pred_masks)
             else:
                 losses["loss_mask_dice"] = losses["loss_mask_bce"] = pred_masks.sum() * 0.0
             # regions with a known box but no known mask (box-only corrections): the projection term
             psel = box_sel & ~known if known is not None else torch.zeros_like(box_sel)
-            if bool(psel.any()):
-                losses["loss_mask_proj"] = projection_loss(pred_masks[:, q_idx][psel],
-                                                           cxcywh_to_xyxy(tgt_boxes[psel])).mean()
-            else:
-                losses["loss_mask_proj"] = pred_masks.sum() * 0.0
+            losses["loss_mask_proj"] = _masked_mean(
+                projection_loss(pred_masks[psel], cxcywh_to_xyxy(tgt_boxes[psel])), pred_masks)
 
         total = sum((self.weights[k] * v for k, v in losses.items()), pred_boxes.sum() * 0.0)
         losses["loss"] = total
