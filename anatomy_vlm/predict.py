@@ -287,7 +287,7 @@ class Predictor:
                 raise ValueError("this model has no encoder and the image's embedding is not cached")
             root = self.cache.root.parent if self.cache.root else None
             self._encode = fast_encoder(self.model.encoder, root, self.cache.tag)
-            self.encoder_backend = "pytorch" if self._encode is self.model.encoder else "onnxruntime"
+            self.encoder_backend = getattr(self._encode, "backend", "pytorch")
         return self._encode
 
     def _dense_head(self, emb: torch.Tensor):
@@ -307,7 +307,7 @@ class Predictor:
                     self._fast_head = fast_module(head, ex, ("embedding", "image"), root,
                                                   f"{type(head).__name__}-{module_digest(head)}", tolerance=1e-2,
                                                   memory_arena=False)
-                    self.mask_head_backend = "pytorch" if self._fast_head is head else "onnxruntime"
+                    self.mask_head_backend = getattr(self._fast_head, "backend", "pytorch")
         return self._fast_head
 
     def _remembered_input(self, digest: str) -> torch.Tensor | None:

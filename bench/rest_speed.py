@@ -5,7 +5,8 @@
 What it does, all in one run on this machine:
   * same-run baselines: the fp32 matmul peak (2048^3, 2 threads) and the encoder's FLOPs counted by
     ``torch.utils.flop_counter`` on one 256x256 input -> the lower bound for a never-seen image; the
-    encoder alone in eager PyTorch and as served (ONNX Runtime), each with its share of that peak;
+    encoder alone in eager PyTorch, as served (OpenVINO, else ONNX Runtime) and in ONNX Runtime, each with
+    its share of that peak;
   * starts ``monailabel start_server`` on a temporary studies folder: a demo study plus never-seen
     2000x2000 images (a demo radiograph upscaled, each with its own noise, so no cache can answer);
   * warms the server (one call, which loads the checkpoint), then times ``POST /infer/...``:
@@ -48,8 +49,9 @@ PROMPTS = ["consolidation", "pleural effusion", "cardiomegaly", "pneumothorax", 
 """20 finding texts for ``region_findings``: the seven trained findings, their seven paraphrases, six others."""
 
 
-def encoder_figures(repeats: int = 5) -> tuple[float, float, float, str]:
-    """``(GFLOPs, PyTorch eager s, served backend s, backend name)`` of one 256x256 encoder forward."""
+def encoder_figures(repeats: int = 5) -> tuple[float, float, float, str, float | None]:
+    """``(GFLOPs, PyTorch eager s, served backend s, backend name, ONNX Runtime s)`` of one 256x256 encoder
+    forward (the last is the same-run baseline when the served runtime is another one, else None)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from anatomy_vlm.embed import encoder_tag
@@ -78,8 +80,21 @@ def encoder_figures(repeats: int = 5) -> tuple[float, float, float, str]:
             ts.append(time.perf_counter() - t)
         return statistics.median(ts)
 
-    backend = "pytorch" if fast is enc else "onnxruntime"
-    return counter.get_total_flops() / 1e9, med(enc), med(fast), backend
+    backend = getattr(fast, "backend", "pytorch")
+    ort_s = None
+    if backend != "onnxruntime":
+        old = os.environ.get("ANATOMY_VLM_ENCODER_BACKEND")
+        os.environ["ANATOMY_VLM_ENCODER_BACKEND"] = "onnxruntime"
+        try:
+            ort = fast_encoder(enc, tempfile.mkdtemp(prefix="bench-onnx-"), encoder_tag(enc))
+            ort_s = med(ort) if getattr(ort, "backend", None) == "onnxruntime" else None
+            del ort
+        finally:
+            if old is None:
+                os.environ.pop("ANATOMY_VLM_ENCODER_BACKEND")
+            else:
+                os.environ["ANATOMY_VLM_ENCODER_BACKEND"] = old
+    return counter.get_total_flops() / 1e9, med(enc), med(fast), backend, ort_s
 
 
 
@@ -119,7 +134,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(2)
     peak = matmul_peak()
-    gflops, t_eager, t_served, backend = encoder_figures()
+    gflops, t_eager, t_served, backend, t_ort = encoder_figures()
     bound = gflops / peak
     tmp = Path(tempfile.mkdtemp(prefix="bench-rest-"))
     studies, warm, fresh = _studies(tmp, Path(a.demo), 2 * a.repeats + 1)
@@ -167,6 +182,7 @@ def main(argv=None) -> int:
         "encoder_s_served": round(t_served, 3),
         "encoder_share_of_peak_pytorch_eager": round(bound / t_eager, 3),
         "encoder_share_of_peak_served": round(bound / t_served, 3),
+        "encoder_s_onnxruntime_same_run": None if t_ort is None else round(t_ort, 3),
         "first_call_s": round(first, 2),
         "never_seen_detection_p50_s": round(p50(never), 3),
         "never_seen_over_bound": round(p50(never) / bound, 2),

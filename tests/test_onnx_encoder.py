@@ -1,4 +1,4 @@
-"""The encoder through ONNX Runtime: same outputs as PyTorch, and a safe fallback to PyTorch."""
+"""The encoder through OpenVINO or ONNX Runtime: same outputs as PyTorch, and a safe fallback to PyTorch."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from anatomy_vlm.model import LiteMedSAMEncoder
-from anatomy_vlm.model.onnx_encoder import OnnxEncoder, fast_encoder
+from anatomy_vlm.model.onnx_encoder import OnnxEncoder, OpenVinoModule, fast_encoder
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is part of the lock; this guards a partial install")
+pytest.importorskip("openvino", reason="openvino is part of the lock; this guards a partial install")
 
 
 @pytest.fixture(scope="module")
@@ -17,9 +18,12 @@ def encoder():
     return LiteMedSAMEncoder(pretrained=False).eval()
 
 
-def test_onnx_encoder_matches_pytorch_and_is_reused(encoder, tmp_path):
+@pytest.mark.parametrize("backend, cls", [("auto", OpenVinoModule), ("openvino", OpenVinoModule),
+                                          ("onnxruntime", OnnxEncoder)])
+def test_encoder_runtime_matches_pytorch_and_is_reused(encoder, tmp_path, monkeypatch, backend, cls):
+    monkeypatch.setenv("ANATOMY_VLM_ENCODER_BACKEND", backend)
     fast = fast_encoder(encoder, tmp_path, "enc-test")
-    assert isinstance(fast, OnnxEncoder)
+    assert isinstance(fast, cls) and fast.backend == ("openvino" if backend == "auto" else backend)
     path = tmp_path / "onnx" / "enc-test.onnx"
     assert path.is_file()
     x = torch.rand(2, 3, 256, 256)
@@ -28,9 +32,26 @@ def test_onnx_encoder_matches_pytorch_and_is_reused(encoder, tmp_path):
     out = fast(x)
     assert out.shape == ref.shape == (2, 256, 64, 64)
     assert float((out - ref).abs().max()) < 1e-3
+    assert not torch.equal(out[0], out[1])  # each batch item its own result (the request reuses its buffer)
     stamp = path.stat().st_mtime_ns
-    assert isinstance(fast_encoder(encoder, tmp_path, "enc-test"), OnnxEncoder)
+    assert isinstance(fast_encoder(encoder, tmp_path, "enc-test"), cls)
     assert path.stat().st_mtime_ns == stamp  # loaded, not exported again
+
+
+def test_a_failing_runtime_hands_over_to_the_next(encoder, tmp_path, monkeypatch):
+    from anatomy_vlm.model import onnx_encoder as oe
+
+    def broken(*a, **k):
+        raise RuntimeError("no CPU plugin")
+
+    monkeypatch.setattr(oe, "OpenVinoModule", broken)
+    fast = fast_encoder(encoder, tmp_path, "enc-next")
+    assert isinstance(fast, OnnxEncoder) and fast.backend == "onnxruntime"
+    assert (tmp_path / "onnx" / "enc-next.onnx").is_file()  # ONNX Runtime uses the export: kept
+    monkeypatch.setenv("ANATOMY_VLM_ENCODER_BACKEND", "openvino")  # only the broken one: PyTorch answers
+    assert fast_encoder(encoder, tmp_path, "enc-next") is encoder
+    monkeypatch.setenv("ANATOMY_VLM_ENCODER_BACKEND", "tensorrt")  # unknown: treated as auto, with a warning
+    assert isinstance(fast_encoder(encoder, tmp_path, "enc-next"), OnnxEncoder)
 
 
 def test_fallbacks_to_pytorch(encoder, tmp_path, monkeypatch):
@@ -59,7 +80,10 @@ def test_dense_mask_head_through_onnx_matches_pytorch_and_falls_back(tmp_path, m
     head.requires_grad_(False)
     ex = (torch.randn(1, 256, 64, 64), torch.rand(1, 3, 256, 256))
     fast = fast_module(head, ex, ("embedding", "image"), tmp_path, "head-test")
-    assert isinstance(fast, OnnxModule)
+    assert isinstance(fast, OpenVinoModule)
+    monkeypatch.setenv("ANATOMY_VLM_ENCODER_BACKEND", "onnxruntime")
+    assert isinstance(fast_module(head, ex, ("embedding", "image"), tmp_path, "head-test"), OnnxModule)
+    monkeypatch.delenv("ANATOMY_VLM_ENCODER_BACKEND")
     e, x = torch.randn(2, 256, 64, 64), torch.rand(2, 3, 256, 256)
     with torch.no_grad():
         ref = head(e, x)
@@ -80,6 +104,7 @@ def test_memory_settings_and_heap_release(encoder, tmp_path, monkeypatch):
     from anatomy_vlm.model import onnx_encoder as oe
     from anatomy_vlm.model.dense_mask_head import DenseMaskHead
 
+    monkeypatch.setenv("ANATOMY_VLM_ENCODER_BACKEND", "onnxruntime")
     calls = []
     real = oe.release_freed_heap
     monkeypatch.setattr(oe, "release_freed_heap", lambda: calls.append(1) or real())

@@ -252,7 +252,7 @@ def test_cli_predict_json_and_missing_checkpoint(full, images, tiny_checkpoint, 
 
 
 def test_dense_head_checkpoint_serves_mask_boxes_through_onnx_like_pytorch(images, cache_dir, tmp_path, monkeypatch):
-    """A dense-head model: detection boxes are its masks' boxes; ONNX Runtime and PyTorch agree."""
+    """A dense-head model: detection boxes are its masks' boxes; the runtime (OpenVINO) and PyTorch agree."""
     from anatomy_vlm.checkpoint import save_checkpoint
     from anatomy_vlm.model import build_model
     from anatomy_vlm.predict import Predictor
@@ -266,7 +266,7 @@ def test_dense_head_checkpoint_serves_mask_boxes_through_onnx_like_pytorch(image
     path = save_checkpoint(tmp_path / "dense.pt", model, {"data": "none (random weights, contract test)"})
     fast = Predictor.from_checkpoint(path, cache_dir=cache_dir)
     det = fast.predict(images["a"])
-    assert fast.mask_head_backend == "onnxruntime"
+    assert fast.mask_head_backend == "openvino"
     assert set(det.box_source) == {"mask"} and det.masks is None
     seg = fast.predict(images["a"], with_masks=True)
     np.testing.assert_allclose(det.boxes, seg.boxes)
