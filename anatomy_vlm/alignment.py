@@ -20,6 +20,12 @@ regions, or two regions with the same finding) are never each other's negatives.
 The detection parts are frozen in this stage, so the inputs of the aligner (pooled region features,
 region tokens, global token) are computed once per training item (:func:`precompute`) and the stage
 costs seconds per epoch; detection and segmentation cannot regress.
+
+With a lesion branch (``align.lesion_channels`` > 0, :mod:`anatomy_vlm.model.lesion`) a stage ``lesion``
+comes first: the branch, on the model-input images, learns the per-region finding labels the reports
+imply (:func:`region_finding_labels`; :func:`train_lesion_branch`, with image and region weights
+warped alike); it is then frozen, its pooled features are computed once, and ``global`` and ``all``
+train the aligner on them as on the other inputs.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ from .anatomy import NUM_REGIONS, REGION_NAMES, region
 from .knowledge import FINDING_NAMES, finding as _finding
 from .report_parser import parse_report
 
-__all__ = ["ReportPairs", "report_pairs", "precompute", "train_alignment", "ALIGN_DEFAULTS"]
+__all__ = ["ReportPairs", "report_pairs", "region_finding_labels", "precompute", "train_alignment",
+           "aligned_features", "ALIGN_DEFAULTS"]
 
 _INDEX = {n: i for i, n in enumerate(REGION_NAMES)}
 NORMAL = "normal"
@@ -105,6 +112,30 @@ def report_pairs(report: str, normal_per_image: int = 8, seed: int = 0) -> Repor
     return out
 
 
+def region_finding_labels(pairs: ReportPairs) -> torch.Tensor:
+    """Per-region finding labels a report implies, for the lesion branch's auxiliary classifier.
+
+    Returns:
+        ``(K, F)`` int8 over the registry's regions and :data:`~anatomy_vlm.knowledge.FINDING_NAMES`:
+        ``1`` a region the report names (or the parent of one) for a finding it asserts; ``0`` a region
+        where the finding can be seen (``knowledge``) when the report does not assert the finding, or
+        asserts it only on the other side; ``-1`` (unknown) elsewhere: regions where the finding cannot
+        be seen, and same-side neighbours of an asserted finding the report does not name (a lesion
+        can reach into them).
+    """
+    labels = torch.full((NUM_REGIONS, len(FINDING_NAMES)), -1, dtype=torch.int8)
+    for j, f in enumerate(FINDING_NAMES):
+        pos = {k for k, _, c in pairs.regions if c == f}
+        sides = {region(REGION_NAMES[k]).side for k in pos}
+        for n in _finding(f).regions:
+            k = _INDEX[n]
+            if k in pos:
+                labels[k, j] = 1
+            elif f not in pairs.findings or region(n).side not in sides:
+                labels[k, j] = 0
+    return labels
+
+
 @torch.no_grad()
 def precompute(model, items: Sequence[dict], embeddings: Sequence[torch.Tensor], progress: bool = True,
                batch_size: int = 8) -> dict[str, torch.Tensor]:
@@ -116,12 +147,15 @@ def precompute(model, items: Sequence[dict], embeddings: Sequence[torch.Tensor],
         embeddings: Their encoder embeddings ``(C, h, w)``.
 
     Returns:
-        ``{"pooled": (N, K, 2C) float16, "tokens": (N, K, D) float16, "global": (N, D) float16}``.
+        ``{"pooled": (N, K, 2C) float16, "tokens": (N, K, D) float16, "global": (N, D) float16}``, and
+        with a lesion branch (it trains, so its input is kept, not its output) ``"images"``
+        ``(N, 1, S, S)`` float16 and ``"weights"`` ``(N, K, S/4, S/4)`` float16 region weights.
     """
-    from .model.aligner import pool_regions
+    from .model.aligner import pool_regions, region_weights
 
     model.eval()
-    pooled, tokens, glob = [], [], []
+    lesion = getattr(model.aligner, "lesion", None) is not None
+    pooled, tokens, glob, images, weights = [], [], [], [], []
     for s in tqdm(range(0, len(items), batch_size), desc="align: region features", unit="batch",
                   disable=not progress, file=sys.stderr):
         its = items[s:s + batch_size]
@@ -132,21 +166,127 @@ def precompute(model, items: Sequence[dict], embeddings: Sequence[torch.Tensor],
         tokens.append(out.region_embeddings.half())
         g = out.global_embedding if out.global_embedding is not None else torch.zeros_like(out.region_embeddings[:, 0])
         glob.append(g.half())
-    return {"pooled": torch.cat(pooled), "tokens": torch.cat(tokens), "global": torch.cat(glob)}
+        if lesion:
+            images.append(x[:, :1].half())
+            weights.append(region_weights(out.masks, (x.shape[-1] // 4,) * 2).half())
+    feats = {"pooled": torch.cat(pooled), "tokens": torch.cat(tokens), "global": torch.cat(glob)}
+    if lesion:
+        feats["images"], feats["weights"] = torch.cat(images), torch.cat(weights)
+    return feats
+
+
+def aligned_features(aligner, feats: dict[str, torch.Tensor], idx=None, images: torch.Tensor | None = None):
+    """The aligner's output for :func:`precompute` features (rows ``idx``, default all); with a lesion
+    branch its features are computed here from ``feats["images"]`` (or ``images``, e.g. jittered)."""
+    idx = slice(None) if idx is None else idx
+    lesion = None
+    if aligner.lesion is not None:
+        x = feats["images"][idx] if images is None else images
+        lesion = aligner.pool_lesion(x.float(), feats["weights"][idx].float())
+    return aligner(feats["pooled"][idx].float(), feats["tokens"][idx].float(), feats["global"][idx].float(), lesion)
 
 
 ALIGN_DEFAULTS: dict[str, Any] = {
     "enabled": False, "global_epochs": 20, "all_epochs": 60, "batch_size": 32, "lr": 1e-3, "lr_min": 1e-5,
-    "weight_decay": 1e-4, "normal_per_image": 8, "weights": {"loss_image": 1.0, "loss_region": 1.0, "loss_ground": 1.0},
-    "text_model": None, "text_cache": None, "seed": 0,
+    "weight_decay": 1e-4, "normal_per_image": 8,
+    "weights": {"loss_image": 1.0, "loss_region": 1.0, "loss_ground": 1.0},
+    "text_model": None, "text_cache": None, "seed": 0, "lesion_channels": None,
+    "image_jitter": {"prob": 0.5, "gamma": 1.5, "noise": 0.03}, "lesion_epochs": 20, "lesion_batch_size": 16,
+    "lesion_lr": 1e-3, "lesion_affine": {"rotate_deg": 10.0, "scale": 0.15, "shift": 0.08},
+    "extra_roots": [],
 }
-"""The ``align`` section of a training config (``anatomy_vlm.train``)."""
+"""The ``align`` section of a training config (``anatomy_vlm.train``). Lesion branch keys:
+``lesion_channels`` (``None`` keeps the model's aligner as it is, 0 removes the branch, ``L`` > 0 gives
+the aligner a new branch of ``L`` channels), ``lesion_epochs``, ``lesion_batch_size``, ``lesion_lr``,
+``lesion_affine`` (``null``: no warping), ``image_jitter``. ``extra_roots``: more demo builds whose
+training split adds report-image pairs to this stage only (detection never sees them)."""
 
 
 def _batches(n: int, bs: int, gen: torch.Generator):
     order = torch.randperm(n, generator=gen).tolist()
     for s in range(0, n, bs):
         yield order[s:s + bs]
+
+
+def train_lesion_branch(al, feats: dict[str, torch.Tensor], pairs: Sequence[ReportPairs], cfg: dict[str, Any],
+                        gen: torch.Generator, progress: bool = True, log=None, t0: float | None = None) -> dict:
+    """Stage ``lesion``: the aligner's lesion branch and its auxiliary finding classifier, on the
+    report-derived per-region labels (:func:`region_finding_labels`), BCE over the known labels, with
+    image and region weights warped alike (``lesion_affine``: a random similarity transform,
+    :func:`anatomy_vlm.model.dense_mask_head.affine_augment`) and the images jittered (``image_jitter``:
+    gamma and noise, :func:`anatomy_vlm.train.jitter_images`).
+    Returns the last epoch's record."""
+    from .model.dense_mask_head import affine_augment
+    from .train import jitter_images
+
+    labels = torch.stack([region_finding_labels(p) for p in pairs])  # (N, K, F)
+    jitter = cfg.get("image_jitter") or None
+    affine = cfg.get("lesion_affine") or None
+    params = list(al.lesion.parameters())
+    for prm in params:
+        prm.requires_grad_(True)
+    epochs = int(cfg.get("lesion_epochs", 20))
+    N, bs = feats["images"].shape[0], int(cfg.get("lesion_batch_size", 16))
+    opt = torch.optim.AdamW(params, lr=float(cfg.get("lesion_lr", 1e-3)), weight_decay=float(cfg["weight_decay"]))
+    total = max(1, epochs * math.ceil(N / bs))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    t0 = time.time() if t0 is None else t0
+    rec: dict[str, Any] = {"stage": "lesion", "epoch": 0}
+    bar = tqdm(range(epochs), desc="align: lesion", unit="epoch", disable=not progress, file=sys.stderr)
+    for epoch in bar:
+        al.lesion.train()
+        tot, nb = 0.0, 0
+        for idx in _batches(N, bs, gen):
+            x, wts = feats["images"][idx].float(), feats["weights"][idx].float()
+            if affine:  # image and region weights warped alike; the report's labels still hold
+                wts, x, _ = affine_augment(wts, x, None, gen, rotate_deg=float(affine.get("rotate_deg", 10.0)),
+                                           scale=float(affine.get("scale", 0.15)), shift=float(affine.get("shift", 0.08)))
+            if jitter:
+                x = jitter_images(x, jitter, gen)
+            les = al.pool_lesion(x, wts)
+            y = labels[idx]
+            known = y >= 0
+            if not known.any():
+                continue
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(al.lesion.finding_head(les)[known],
+                                                                        y[known].float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            tot += float(loss.detach())
+            nb += 1
+        rec = {"stage": "lesion", "epoch": epoch + 1, "loss_finding": round(tot / max(nb, 1), 5),
+               "seconds": round(time.time() - t0, 1)}
+        bar.set_postfix({"loss_finding": f"{rec['loss_finding']:.3f}"})
+        if log:
+            log(rec)
+    al.lesion.eval()
+    return rec
+
+
+@torch.no_grad()
+def lesion_probe_auc(al, feats: dict[str, torch.Tensor], records: Sequence[dict]) -> dict[str, Any]:
+    """Region AUC per finding of the lesion branch's auxiliary classifier (a supervised probe, not the
+    zero-shot score) on images with ground truth, over the regions where the finding can be seen."""
+    from .zeroshot import _allowed, roc_auc
+
+    n = feats["images"].shape[0]
+    logits = torch.cat([al.lesion.finding_head(al.pool_lesion(feats["images"][s:s + 16].float(),
+                                                              feats["weights"][s:s + 16].float()))
+                        for s in range(0, n, 16)])  # (N, K, F)
+    out = {}
+    for j, f in enumerate(FINDING_NAMES):
+        sc, y = [], []
+        for i, rec in enumerate(records):
+            rf = rec.get("region_findings", {})
+            for k in _allowed(f):
+                sc.append(float(logits[i, k, j]))
+                y.append(f in rf.get(REGION_NAMES[k], []))
+        out[f] = roc_auc(sc, y)
+    vals = [v for v in out.values() if v is not None]
+    return {"region_auc": out, "region_auc_macro": float(np.mean(vals)) if vals else None}
 
 
 def train_alignment(model, feats: dict[str, torch.Tensor], pairs: Sequence[ReportPairs], text_encoder,
@@ -185,13 +325,25 @@ def train_alignment(model, feats: dict[str, torch.Tensor], pairs: Sequence[Repor
     for prm in al.parameters():
         prm.requires_grad_(True)
     params = [p for p in al.parameters() if p.requires_grad]
+    lesion = al.lesion is not None
     w = dict(ALIGN_DEFAULTS["weights"], **(cfg.get("weights") or {}))
     gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
     torch.manual_seed(int(cfg.get("seed", 0)))
+    summary: dict[str, Any] = {"stages": {}}
+    t0 = time.time()
+    if lesion:  # stage "lesion" first; the branch is frozen afterwards and its pooled features kept
+        summary["stages"]["lesion"] = train_lesion_branch(al, feats, pairs, cfg, gen, progress, log, t0)
+        with torch.no_grad():
+            feats = dict(feats, lesion=torch.cat([al.pool_lesion(feats["images"][s:s + 16].float(),
+                                                                 feats["weights"][s:s + 16].float())
+                                                  for s in range(0, feats["images"].shape[0], 16)]))
+        for prm in al.lesion.parameters():
+            prm.requires_grad_(False)
+        params = [p for p in al.parameters() if p.requires_grad]
+        if val is not None:  # diagnostic: the auxiliary classifier's region AUC on the val ground truth
+            summary["lesion_probe_val"] = lesion_probe_auc(al, val[0], val[1])
     N = feats["pooled"].shape[0]
     bs = int(cfg["batch_size"])
-    t0 = time.time()
-    summary: dict[str, Any] = {"stages": {}}
     for stage, epochs in (("global", int(cfg["global_epochs"])), ("all", int(cfg["all_epochs"]))):
         if epochs <= 0:
             continue
@@ -206,8 +358,9 @@ def train_alignment(model, feats: dict[str, torch.Tensor], pairs: Sequence[Repor
             sums: dict[str, float] = {}
             nb = 0
             for idx in _batches(N, bs, gen):
-                out = al(feats["pooled"][idx].float(), feats["tokens"][idx].float(), feats["global"][idx].float())
                 losses = {}
+                out = al(feats["pooled"][idx].float(), feats["tokens"][idx].float(), feats["global"][idx].float(),
+                         feats["lesion"][idx].float() if lesion else None)
                 rep = al.encode_text(temb[[tindex[pairs[i].report] for i in idx]])
                 losses["loss_image"] = calibrated_infonce(out.image, rep, torch.tensor(
                     [image_groups[pairs[i].findings] for i in idx]), al.scale)
@@ -243,7 +396,7 @@ def train_alignment(model, feats: dict[str, torch.Tensor], pairs: Sequence[Repor
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 nb += 1
             rec = {"stage": stage, "epoch": epoch + 1, **{k: round(v / nb, 5) for k, v in sums.items()},
-                   "scale": round(float(al.scale), 3), "seconds": round(time.time() - t0, 1)}
+                   "scale": round(float(al.scale.detach()), 3), "seconds": round(time.time() - t0, 1)}
             bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k.startswith("loss")})
             if log:
                 log(rec)

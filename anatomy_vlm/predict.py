@@ -395,7 +395,7 @@ class Predictor:
             scores = out.scores[0].float().numpy()
             aligned = None
             if align:  # pooled inside the raw head masks, as in training (anatomy_vlm.alignment.precompute)
-                aligned = self.model.align(emb[None], out)
+                aligned = self.model.align(emb[None], out, x[None] if x is not None else None)
             all_logits = out.masks[0] if run_masks else None
             if dense:
                 all_logits = clean_logits(all_logits)

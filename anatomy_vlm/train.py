@@ -378,7 +378,8 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         model = build_model(config["model"])
     ac = config.get("align") or {}
     if ac.get("enabled"):
-        _attach_aligner(model)
+        _check_extra_roots(ac.get("extra_roots"))  # before hours of detection training, not after
+        _attach_aligner(model, ac.get("lesion_channels"))
         config = dict(config, model=model.config)
     encoder_frozen = not any(p.requires_grad for p in model.encoder.parameters())
     train_ds, val_ds = _datasets(config["data"])
@@ -598,14 +599,27 @@ def _save(path, model, meta: dict, keep_encoder: bool, **kw) -> None:
     save_checkpoint(path, model, meta, include_frozen_encoder=keep_encoder, **kw)
 
 
-def _attach_aligner(model) -> None:
-    """Give a model an (untrained) aligner when it has none, and record it in its config."""
+def _attach_aligner(model, lesion_channels: int | None = None) -> None:
+    """Give a model an (untrained) aligner when it has none, or when ``lesion_channels`` (the ``align``
+    section's; ``None`` keeps the model's) asks for another lesion branch, and record it in its config."""
     from .model import build_aligner, resolve_config
 
-    cfg = resolve_config(dict(model.config or {}, aligner=dict((model.config or {}).get("aligner") or {}, enabled=True)))
-    if model.aligner is None:
+    al = dict((model.config or {}).get("aligner") or {}, enabled=True)
+    rebuild = model.aligner is None
+    if lesion_channels is not None and int(lesion_channels) != int(al.get("lesion_channels") or 0):
+        al["lesion_channels"] = int(lesion_channels)
+        rebuild = True
+    cfg = resolve_config(dict(model.config or {}, aligner=al))
+    if rebuild:
         model.aligner = build_aligner(cfg, int(model.encoder.out_channels))
     model.config = cfg
+
+
+def _check_extra_roots(roots) -> None:
+    for r in roots or []:
+        if not (Path(r) / "manifest.json").is_file():
+            raise ValueError(f"align.extra_roots: {r} holds no demo build (manifest.json); make it with "
+                             f"`anatomy-vlm build-demo --out {r} --n 600 --seed 1`")
 
 
 def _align_stage(model, config: dict, train_data: "_Prepared", emb_all, val_data: "_Prepared | None",
@@ -628,9 +642,17 @@ def _align_stage(model, config: dict, train_data: "_Prepared", emb_all, val_data
     model.config["aligner"]["text_tag"] = text.tag
     emb = [emb_all[i] for i in range(len(train_data.items))] if emb_all is not None else \
         [train_data.cache.get(it["digest"]) for it in train_data.items]
-    feats = precompute(model, train_data.items, emb, progress)
+    items = list(train_data.items)
+    extra = ac.get("extra_roots") or []
+    if extra:  # more report-image pairs for this stage only: the training split of other demo builds
+        _check_extra_roots(extra)
+        ex = _Prepared(ConcatSamples(*[DemoDataset(r, "train") for r in extra]), train_data.cache, model.encoder,
+                       model.input_size, "align extra", progress)
+        items += ex.items
+        emb += [ex.cache.get(it["digest"]) for it in ex.items]
+    feats = precompute(model, items, emb, progress)
     pairs = [report_pairs(it.get("text", {}).get("report", ""), int(ac["normal_per_image"]), int(ac["seed"]))
-             for it in train_data.items]
+             for it in items]
     val = None
     if val_data is not None and len(val_data.items) and all("region_findings" in it.get("text", {})
                                                             for it in val_data.items):

@@ -147,10 +147,13 @@ def evaluate_zero_shot(model, text_encoder, feats: dict[str, torch.Tensor], reco
         "image_auc": {f: auc}, "prompts": {f: text}}, "grounding": {"n_sentences", "top1_correct"}}``;
         region AUCs are over the (image, region) pairs where ``knowledge`` says the finding can be seen.
     """
+    from .alignment import aligned_features
+
     al = model.aligner
-    with torch.no_grad():
-        out = al(feats["pooled"].float(), feats["tokens"].float(), feats["global"].float())
-    return score_zero_shot(ZeroShotScorer(al, text_encoder), out.regions, records, wordings)
+    n = feats["pooled"].shape[0]
+    with torch.no_grad():  # in batches: a lesion branch runs on the images here
+        regions = torch.cat([aligned_features(al, feats, slice(s, s + 16)).regions for s in range(0, n, 16)])
+    return score_zero_shot(ZeroShotScorer(al, text_encoder), regions, records, wordings)
 
 
 def score_zero_shot(scorer: ZeroShotScorer, regions: torch.Tensor | Sequence[torch.Tensor], records: Sequence[dict],

@@ -133,3 +133,138 @@ def test_aligner_config_needs_masks_and_builds():
         out = m(images=torch.rand(2, 3, 256, 256), embeddings=torch.randn(2, 256, 64, 64), with_masks=True)
     assert out.aligned_regions.shape == (2, NUM_REGIONS, 32) and out.aligned_image.shape == (2, 32)
     assert math.isclose(float(out.aligned_image[0].norm()), 1.0, rel_tol=1e-5)
+
+
+# ----- the lesion branch ------------------------------------------------------------------------------
+
+def test_lesion_branch_shape_and_per_image_normalisation():
+    """Features on the S/4 grid; a global change of exposure (intensities scaled) changes nothing."""
+    from anatomy_vlm.model.lesion import LesionBranch
+
+    torch.manual_seed(0)
+    b = LesionBranch(channels=8, width=4).eval()
+    x = torch.rand(2, 3, 64, 64) * 0.8 + 0.1
+    x[:, :, :, :8] = 0.0  # letterbox padding
+    with torch.no_grad():
+        y = b(x)
+        assert y.shape == (2, 8, 16, 16)
+        torch.testing.assert_close(b(x * 0.5), y, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(b(x.flip(-1)), y, atol=1e-3)  # it does see the image
+    n = LesionBranch.normalise(x)
+    assert float(n[:, :, :, :8].abs().max()) == 0.0
+    inside = n[:, :, :, 8:]
+    assert float(inside.mean()) == pytest.approx(0.0, abs=1e-4) and float(inside.std()) == pytest.approx(1.0, abs=1e-2)
+    with pytest.raises(ValueError, match="expects"):
+        b(torch.rand(1, 64, 64))
+
+
+def test_region_finding_labels_from_the_report_only():
+    from anatomy_vlm.alignment import region_finding_labels
+    from anatomy_vlm.knowledge import FINDING_NAMES
+
+    lab = region_finding_labels(report_pairs("Consolidation in the right lower lung zone. No pneumothorax."))
+    assert lab.shape == (NUM_REGIONS, len(FINDING_NAMES))
+    c = FINDING_NAMES.index("consolidation")
+    assert lab[IDX["right lower lung zone"], c] == 1 and lab[IDX["right lung"], c] == 1  # named, and its parent
+    assert lab[IDX["right upper lung zone"], c] == -1  # same side, not named: unknown
+    assert lab[IDX["left lower lung zone"], c] == 0  # other side: negative
+    assert lab[IDX["spine"], c] == -1  # consolidation is not seen there
+    p = FINDING_NAMES.index("pneumothorax")
+    assert lab[IDX["left apical zone"], p] == 0 and lab[IDX["right apical zone"], p] == 0  # not asserted
+    assert (lab[:, FINDING_NAMES.index("nodule")] <= 0).all()
+
+
+def test_aligner_with_lesion_branch_needs_lesion_features_and_images():
+    m = build_model({"aligner": {"enabled": True, "joint_dim": 32, "hidden": 64, "lesion_channels": 8},
+                     "mask_head": {"kind": "dense", "widths": [16, 16, 16], "fine": [8, 8]},
+                     "decoder": {"d_model": 32, "num_heads": 2, "dim_feedforward": 64, "embed_dim": 16},
+                     "box_refiner": {"enabled": False}}).eval()
+    assert m.aligner.lesion is not None and m.config["aligner"]["lesion_channels"] == 8
+    x, e = torch.rand(2, 3, 256, 256), torch.randn(2, 256, 64, 64)
+    with torch.no_grad():
+        out = m(images=x, embeddings=e, with_masks=True)
+        assert out.aligned_regions.shape == (2, NUM_REGIONS, 32)
+        # the lesion branch looks at the image: another image, same embedding -> other region embeddings
+        other = m(images=torch.rand(2, 3, 256, 256), embeddings=e, with_masks=True)
+        assert not torch.allclose(other.aligned_regions, out.aligned_regions, atol=1e-4)
+        with pytest.raises(ValueError, match="needs the model-input images"):
+            m.align(e, out)
+        with pytest.raises(ValueError, match="lesion features are required"):
+            m.aligner(torch.randn(2, NUM_REGIONS, 512), torch.randn(2, NUM_REGIONS, 16), None)
+    with pytest.raises(ValueError, match="lesion_channels must be an integer >= 0"):
+        resolve_config({"aligner": {"enabled": True, "lesion_channels": -1}})
+
+
+def _blob_study(rng, nodule: bool):
+    """A 64x64 image with 29 region masks (region 'right upper lung zone' a left-half square), and a
+    bright small blob inside it when ``nodule``; its report says so."""
+    x = torch.full((1, 64, 64), 0.4) + torch.from_numpy(rng.normal(0, 0.03, (1, 64, 64))).float()
+    w = torch.zeros(NUM_REGIONS, 16, 16)
+    w[IDX["right upper lung zone"], 2:8, 2:8] = 1.0
+    w[IDX["left upper lung zone"], 2:8, 8:14] = 1.0
+    for k in range(NUM_REGIONS):
+        if w[k].sum() == 0:
+            w[k, 10:14, 2:14] = 1.0
+    if nodule:
+        cy, cx = (int(v) for v in rng.integers(10, 24, 2))
+        x[0, cy:cy + 6, cx:cx + 6] = 0.95
+    report = "Nodule in the right upper lung zone." if nodule else "No nodule. The lungs are clear."
+    return x.clamp(0.01, 1), w, report
+
+
+def test_lesion_stage_learns_what_the_reports_say():
+    """Trained on report-derived labels only, the branch's probe finds the blob on new studies."""
+    import numpy as np
+
+    from anatomy_vlm.alignment import lesion_probe_auc, train_lesion_branch
+
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    al = RegionAligner(in_channels=8, token_dim=16, dropout=0.0, lesion_channels=8)
+    studies = [_blob_study(rng, i % 2 == 0) for i in range(24)]
+    feats = {"images": torch.stack([s[0] for s in studies]), "weights": torch.stack([s[1] for s in studies])}
+    pairs = [report_pairs(s[2]) for s in studies]
+    rec = train_lesion_branch(al, feats, pairs, {"lesion_epochs": 30, "lesion_batch_size": 8, "lesion_lr": 3e-3,
+                                                 "weight_decay": 0.0, "image_jitter": None},
+                              torch.Generator().manual_seed(0), progress=False)
+    assert rec["stage"] == "lesion" and rec["epoch"] == 30
+    test = [_blob_study(rng, i % 2 == 0) for i in range(16)]
+    tfeats = {"images": torch.stack([s[0] for s in test]), "weights": torch.stack([s[1] for s in test])}
+    records = [{"region_findings": {"right upper lung zone": ["nodule"]} if i % 2 == 0 else {}} for i in range(16)]
+    auc = lesion_probe_auc(al, tfeats, records)["region_auc"]["nodule"]
+    assert auc is not None and auc >= 0.9
+
+
+def test_train_alignment_runs_the_lesion_stage_first_then_freezes_the_branch(tmp_path):
+    """Stages lesion -> global -> all; the branch is frozen after its stage, and the zero-shot check
+    computes its features from the kept images (the same function the serving path uses)."""
+    import numpy as np
+
+    from anatomy_vlm.alignment import ALIGN_DEFAULTS, aligned_features, train_alignment
+    from anatomy_vlm.text import TextEncoder
+
+    rng = np.random.default_rng(1)
+    torch.manual_seed(0)
+    m = build_model({"aligner": {"enabled": True, "joint_dim": 32, "hidden": 64, "lesion_channels": 8},
+                     "mask_head": {"kind": "dense", "widths": [16, 16, 16], "fine": [8, 8]},
+                     "decoder": {"d_model": 32, "num_heads": 2, "dim_feedforward": 64, "embed_dim": 16},
+                     "box_refiner": {"enabled": False}})
+    studies = [_blob_study(rng, i % 2 == 0) for i in range(8)]
+    feats = {"pooled": torch.randn(8, NUM_REGIONS, 512).half(), "tokens": torch.randn(8, NUM_REGIONS, 16).half(),
+             "global": torch.randn(8, 16).half(), "images": torch.stack([s[0] for s in studies]).half(),
+             "weights": torch.stack([s[1] for s in studies]).half()}
+    pairs = [report_pairs(s[2]) for s in studies]
+    cfg = dict(ALIGN_DEFAULTS, global_epochs=1, all_epochs=1, lesion_epochs=2, batch_size=4)
+    before = {k: v.clone() for k, v in m.aligner.lesion.state_dict().items()}
+    records = [{"region_findings": {"right upper lung zone": ["nodule"]} if i % 2 == 0 else {},
+                "image_findings": ["nodule"] if i % 2 == 0 else [], "report_sentences": []} for i in range(8)]
+    text = TextEncoder(cache_dir=tmp_path / "text")
+    summary = train_alignment(m, feats, pairs, text, cfg, val=(feats, records), progress=False)
+    assert list(summary["stages"]) == ["lesion", "global", "all"]
+    assert "lesion_probe_val" in summary and "canonical" in summary["val"]
+    assert any(not torch.equal(before[k], v) for k, v in m.aligner.lesion.state_dict().items())
+    assert not any(p.requires_grad for p in m.aligner.parameters())
+    with torch.no_grad():
+        a = aligned_features(m.aligner.eval(), feats).regions
+        b = aligned_features(m.aligner, feats, images=feats["images"].float().flip(-1)).regions
+    assert a.shape == (8, NUM_REGIONS, 32) and not torch.allclose(a, b, atol=1e-4)

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from ..anatomy import NUM_REGIONS
-from .aligner import RegionAligner, pool_regions
+from ..knowledge import FINDING_NAMES
+from .aligner import RegionAligner, pool_regions, region_weights
 from .box_refiner import BoxRefiner
 from .dense_mask_head import DenseMaskHead
 from .boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
@@ -159,14 +160,22 @@ class AnatomyVLM(nn.Module):
                 m = self.mask_head(embeddings, prompt_boxes)
                 out.masks, out.mask_iou = m.masks, m.iou
             if self.aligner is not None and align:
-                a = self.align(embeddings, out)
+                a = self.align(embeddings, out, images)
                 out.aligned_regions, out.aligned_image = a.regions, a.image
         return out
 
-    def align(self, embeddings: torch.Tensor, out: AnatomyOutput):
+    def align(self, embeddings: torch.Tensor, out: AnatomyOutput, images: torch.Tensor | None = None):
         """The aligner's region and image embeddings for a forward pass's output with masks: region
-        features pooled inside the (raw) masks, with the region tokens and the global token."""
-        return self.aligner(pool_regions(embeddings, out.masks), out.region_embeddings, out.global_embedding)
+        features pooled inside the (raw) masks, with the region tokens and the global token; an aligner
+        with a lesion branch also pools its features of ``images`` (the model input) inside the masks."""
+        lesion = None
+        if self.aligner.lesion is not None:
+            if images is None:
+                raise ValueError("this aligner has a lesion branch: align() needs the model-input images")
+            h = int(images.shape[-1]) // 4
+            lesion = self.aligner.pool_lesion(images, region_weights(out.masks, (h, h)))
+        return self.aligner(pool_regions(embeddings, out.masks), out.region_embeddings, out.global_embedding,
+                            lesion)
 
 
 # ----- config ---------------------------------------------------------------------------------------------
@@ -180,7 +189,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "box_refiner": {"enabled": True, "stages": 2, "channels": 32, "roi_size": 8, "hidden": 256,
                     "context": [1.5, 1.2], "image_roi": 0, "min_context": 0.0},
     "aligner": {"enabled": False, "joint_dim": 256, "hidden": 512, "text_dim": 384, "dropout": 0.1,
-                "text_model": None, "knowledge_digest": None, "text_tag": None},
+                "text_model": None, "knowledge_digest": None, "text_tag": None, "lesion_channels": 0},
 }
 """The default (LiteMedSAM) config; :func:`build_model` documents every key."""
 
@@ -243,6 +252,8 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     _check(isinstance(al["enabled"], bool), f"config aligner.enabled must be true or false, got {al['enabled']!r}")
     for key in ("joint_dim", "hidden", "text_dim"):
         _check(_is_int(al[key]) and al[key] > 0, f"config aligner.{key} must be a positive integer, got {al[key]!r}")
+    _check(_is_int(al["lesion_channels"]) and al["lesion_channels"] >= 0,
+           f"config aligner.lesion_channels must be an integer >= 0, got {al['lesion_channels']!r}")
     _check(al["text_model"] is None or isinstance(al["text_model"], str),
            f"config aligner.text_model must be a folder path string or null, got {al['text_model']!r}")
     _check(not al["enabled"] or mh["enabled"],
@@ -311,7 +322,8 @@ def build_aligner(cfg: Mapping[str, Any], in_channels: int) -> RegionAligner:
     encoder with ``in_channels`` output channels (its knowledge buffer is set in training)."""
     a = cfg["aligner"]
     return RegionAligner(int(in_channels), cfg["decoder"]["embed_dim"], text_dim=a["text_dim"],
-                         joint_dim=a["joint_dim"], hidden=a["hidden"], dropout=float(a["dropout"]))
+                         joint_dim=a["joint_dim"], hidden=a["hidden"], dropout=float(a["dropout"]),
+                         lesion_channels=int(a.get("lesion_channels") or 0), num_findings=len(FINDING_NAMES))
 
 
 def build_model(config: Mapping[str, Any] | None = None) -> AnatomyVLM:
@@ -378,6 +390,7 @@ def build_model(config: Mapping[str, Any] | None = None) -> AnatomyVLM:
           text_model: null            # local text model folder; null = the packaged all-MiniLM-L6-v2
           knowledge_digest: null      # set in training: digest of the knowledge texts encoded
           text_tag: null              # set in training: the text encoder's identity (name + weight digest)
+          lesion_channels: 0          # trainable lesion branch on the input image (lesion.py); 0 = none
 
     The number of queries is always ``anatomy.NUM_REGIONS``. The LiteMedSAM file is read once for encoder
     and mask head. The resolved config is stored as ``model.config``.
