@@ -5,7 +5,10 @@ corpus becomes training data the same way the demo reports do (the demo's struct
 only to *evaluate*). Per image:
 
 * a **positive mention** (finding ``f`` at regions ``R``) pairs each region of ``R`` and its parent
-  (the lung of a zone) with the sentence; category ``f``;
+  (the lung of a zone) with the sentence; category ``f``; a finding with typical sites (``knowledge``:
+  an effusion at the costophrenic angle, lower zone and hemidiaphragm, cardiomegaly at the cardiac
+  silhouette) pairs only the sites: those of ``R``, or the sites on ``R``'s side when ``R`` names none
+  (:func:`positive_regions`);
 * a **negated mention** ("No pneumothorax.", "The lungs are clear.") pairs the regions where ``f`` can be
   seen (``knowledge``), on the sides the sentence speaks of, and not positive for anything in this
   report, with the sentence; category ``normal`` (at most ``normal_per_image`` such pairs per image);
@@ -79,6 +82,29 @@ def _with_parents(names: Sequence[str]) -> list[str]:
     return out
 
 
+def _base(name: str) -> str:
+    for side in ("right ", "left "):
+        if name.startswith(side):
+            return name[len(side):]
+    return name
+
+
+def positive_regions(finding_name: str, names: Sequence[str]) -> list[str]:
+    """The regions a positive mention of ``finding_name`` at ``names`` (the parser's) pairs with: the
+    names and their parents; for a finding with typical ``sites`` (``knowledge``), only the named regions
+    that are sites, or, when the report names none (``"right pleural effusion"``: the right lung), the
+    sites on the named side(s)."""
+    regs = _with_parents(names)
+    sites = _finding(finding_name).sites
+    if not sites:
+        return regs
+    at_site = [r for r in regs if _base(r) in sites]
+    if at_site:
+        return at_site
+    sides = {region(n).side for n in regs}
+    return [n for n in _finding(finding_name).regions if _base(n) in sites and region(n).side in sides] or regs
+
+
 def report_pairs(report: str, normal_per_image: int = 8, seed: int = 0) -> ReportPairs:
     """Parse ``report`` into language-stage pairs (see the module docstring)."""
     parsed = parse_report(report or "")
@@ -94,7 +120,7 @@ def report_pairs(report: str, normal_per_image: int = 8, seed: int = 0) -> Repor
     for sentence, mentions in parsed:
         for m in mentions:
             if not m.negated:
-                regs = _with_parents(m.regions)
+                regs = positive_regions(m.finding, m.regions)
                 if not regs:
                     continue
                 out.regions += [(_INDEX[n], sentence, m.finding) for n in regs]

@@ -30,6 +30,9 @@ class Finding:
         regions: Registry region names where the finding is seen.
         description: Knowledge text used for prompt enrichment.
         positive_templates: Report sentence templates asserting the finding.
+        sites: Side-free region names (``"costophrenic angle"``) where the finding is seen when a
+            report names no more than a side or a whole organ (an effusion collects at the lung base,
+            cardiomegaly is the cardiac silhouette); empty when it can be anywhere in its regions.
     """
 
     name: str
@@ -37,6 +40,7 @@ class Finding:
     regions: tuple[str, ...]
     description: str
     positive_templates: tuple[str, ...] = field(default=())
+    sites: tuple[str, ...] = field(default=())
 
     @property
     def terms(self) -> tuple[str, ...]:
@@ -65,6 +69,7 @@ FINDINGS: tuple[Finding, ...] = (
         "a meniscus, and loss of the hemidiaphragm outline.",
         ("There is a {side} {finding}.", "{Side} {finding} with blunting of the {region}.",
          "A {side}-sided {finding} is present.", "Blunting of the {region} consistent with {finding}."),
+        sites=("costophrenic angle", "lower lung zone", "hemidiaphragm"),
     ),
     Finding(
         "cardiomegaly",
@@ -73,6 +78,7 @@ FINDINGS: tuple[Finding, ...] = (
         "The cardiac silhouette is wider than half of the thoracic diameter on a PA radiograph.",
         ("There is {finding}.", "The cardiac silhouette is enlarged.", "{Finding} is present.",
          "The heart size is enlarged."),
+        sites=("cardiac silhouette",),
     ),
     Finding(
         "pneumothorax",

@@ -268,3 +268,22 @@ def test_train_alignment_runs_the_lesion_stage_first_then_freezes_the_branch(tmp
         a = aligned_features(m.aligner.eval(), feats).regions
         b = aligned_features(m.aligner, feats, images=feats["images"].float().flip(-1)).regions
     assert a.shape == (8, NUM_REGIONS, 32) and not torch.allclose(a, b, atol=1e-4)
+
+
+def test_findings_with_typical_sites_pair_the_sites_not_the_whole_organ():
+    """'Right pleural effusion' names only the right lung: the pairs go to where an effusion is seen on
+    that side; a named site stays the only one; cardiomegaly is the cardiac silhouette, not the
+    mediastinum; findings without sites keep region and parent."""
+    from anatomy_vlm.alignment import positive_regions, region_finding_labels
+    from anatomy_vlm.knowledge import FINDING_NAMES
+
+    p = report_pairs("There is a right pleural effusion.")
+    assert {REGION_NAMES[k] for k, _, c in p.regions if c != NORMAL} == {
+        "right costophrenic angle", "right lower lung zone", "right hemidiaphragm"}
+    assert positive_regions("pleural effusion", ["left costophrenic angle"]) == ["left costophrenic angle"]
+    assert positive_regions("cardiomegaly", ["cardiac silhouette", "mediastinum"]) == ["cardiac silhouette"]
+    assert positive_regions("nodule", ["left upper lung zone"]) == ["left upper lung zone", "left lung"]
+    lab = region_finding_labels(p)
+    e = FINDING_NAMES.index("pleural effusion")
+    assert lab[IDX["right costophrenic angle"], e] == 1 and lab[IDX["right lung"], e] == -1
+    assert lab[IDX["left costophrenic angle"], e] == 0
