@@ -48,8 +48,9 @@ from .anatomy import NUM_REGIONS, REGION_NAMES, region
 from .knowledge import FINDING_NAMES, finding as _finding
 from .report_parser import parse_report
 
-__all__ = ["ReportPairs", "report_pairs", "region_finding_labels", "precompute", "train_alignment",
-           "aligned_features", "ALIGN_DEFAULTS"]
+__all__ = ["ReportPairs", "report_pairs", "positive_regions", "region_finding_labels", "precompute",
+           "train_alignment", "train_lesion_branch", "lesion_features", "lesion_probe_auc", "aligned_features",
+           "ALIGN_DEFAULTS"]
 
 _INDEX = {n: i for i, n in enumerate(REGION_NAMES)}
 NORMAL = "normal"
@@ -194,7 +195,7 @@ def precompute(model, items: Sequence[dict], embeddings: Sequence[torch.Tensor],
         glob.append(g.half())
         if lesion:
             images.append(x[:, :1].half())
-            weights.append(region_weights(out.masks, (x.shape[-1] // 4,) * 2).half())
+            weights.append(region_weights(out.masks, (x.shape[-1] // model.aligner.lesion.stride,) * 2).half())
     feats = {"pooled": torch.cat(pooled), "tokens": torch.cat(tokens), "global": torch.cat(glob)}
     if lesion:
         feats["images"], feats["weights"] = torch.cat(images), torch.cat(weights)
@@ -228,6 +229,12 @@ the aligner a new branch of ``L`` channels), ``lesion_epochs``, ``lesion_batch_s
 training split adds report-image pairs to this stage only (detection never sees them)."""
 
 
+def _cosine(opt, total: int, floor: float):
+    """Cosine decay of ``opt``'s learning rate over ``total`` steps down to ``floor`` times the start."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+
+
 def _batches(n: int, bs: int, gen: torch.Generator):
     order = torch.randperm(n, generator=gen).tolist()
     for s in range(0, n, bs):
@@ -255,7 +262,7 @@ def train_lesion_branch(al, feats: dict[str, torch.Tensor], pairs: Sequence[Repo
     N, bs = feats["images"].shape[0], int(cfg.get("lesion_batch_size", 16))
     opt = torch.optim.AdamW(params, lr=float(cfg.get("lesion_lr", 1e-3)), weight_decay=float(cfg["weight_decay"]))
     total = max(1, epochs * math.ceil(N / bs))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    sched = _cosine(opt, total, 0.02)
     t0 = time.time() if t0 is None else t0
     rec: dict[str, Any] = {"stage": "lesion", "epoch": 0}
     bar = tqdm(range(epochs), desc="align: lesion", unit="epoch", disable=not progress, file=sys.stderr)
@@ -293,24 +300,21 @@ def train_lesion_branch(al, feats: dict[str, torch.Tensor], pairs: Sequence[Repo
 
 
 @torch.no_grad()
+def lesion_features(al, feats: dict[str, torch.Tensor], batch_size: int = 16) -> torch.Tensor:
+    """The lesion branch's pooled features ``(N, K, 2L)`` of :func:`precompute` features, in batches."""
+    n = feats["images"].shape[0]
+    return torch.cat([al.pool_lesion(feats["images"][s:s + batch_size].float(),
+                                     feats["weights"][s:s + batch_size].float()) for s in range(0, n, batch_size)])
+
+
+@torch.no_grad()
 def lesion_probe_auc(al, feats: dict[str, torch.Tensor], records: Sequence[dict]) -> dict[str, Any]:
     """Region AUC per finding of the lesion branch's auxiliary classifier (a supervised probe, not the
     zero-shot score) on images with ground truth, over the regions where the finding can be seen."""
-    from .zeroshot import _allowed, roc_auc
+    from .zeroshot import region_auc
 
-    n = feats["images"].shape[0]
-    logits = torch.cat([al.lesion.finding_head(al.pool_lesion(feats["images"][s:s + 16].float(),
-                                                              feats["weights"][s:s + 16].float()))
-                        for s in range(0, n, 16)])  # (N, K, F)
-    out = {}
-    for j, f in enumerate(FINDING_NAMES):
-        sc, y = [], []
-        for i, rec in enumerate(records):
-            rf = rec.get("region_findings", {})
-            for k in _allowed(f):
-                sc.append(float(logits[i, k, j]))
-                y.append(f in rf.get(REGION_NAMES[k], []))
-        out[f] = roc_auc(sc, y)
+    logits = al.lesion.finding_head(lesion_features(al, feats))  # (N, K, F)
+    out = {f: region_auc(f, logits[..., j], records) for j, f in enumerate(FINDING_NAMES)}
     vals = [v for v in out.values() if v is not None]
     return {"region_auc": out, "region_auc_macro": float(np.mean(vals)) if vals else None}
 
@@ -359,10 +363,7 @@ def train_alignment(model, feats: dict[str, torch.Tensor], pairs: Sequence[Repor
     t0 = time.time()
     if lesion:  # stage "lesion" first; the branch is frozen afterwards and its pooled features kept
         summary["stages"]["lesion"] = train_lesion_branch(al, feats, pairs, cfg, gen, progress, log, t0)
-        with torch.no_grad():
-            feats = dict(feats, lesion=torch.cat([al.pool_lesion(feats["images"][s:s + 16].float(),
-                                                                 feats["weights"][s:s + 16].float())
-                                                  for s in range(0, feats["images"].shape[0], 16)]))
+        feats = dict(feats, lesion=lesion_features(al, feats))
         for prm in al.lesion.parameters():
             prm.requires_grad_(False)
         params = [p for p in al.parameters() if p.requires_grad]
@@ -376,8 +377,7 @@ def train_alignment(model, feats: dict[str, torch.Tensor], pairs: Sequence[Repor
         opt = torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
         total = epochs * math.ceil(N / bs)
         lr_min = float(cfg["lr_min"]) / float(cfg["lr"])
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_min + (1 - lr_min) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        sched = _cosine(opt, total, lr_min)
         bar = tqdm(range(epochs), desc=f"align: {stage}", unit="epoch", disable=not progress, file=sys.stderr)
         for epoch in bar:
             al.train()

@@ -644,8 +644,7 @@ def _align_stage(model, config: dict, train_data: "_Prepared", emb_all, val_data
         [train_data.cache.get(it["digest"]) for it in train_data.items]
     items = list(train_data.items)
     extra = ac.get("extra_roots") or []
-    if extra:  # more report-image pairs for this stage only: the training split of other demo builds
-        _check_extra_roots(extra)
+    if extra:  # more report-image pairs for this stage only (checked in train(), before detection)
         ex = _Prepared(ConcatSamples(*[DemoDataset(r, "train") for r in extra]), train_data.cache, model.encoder,
                        model.input_size, "align extra", progress)
         items += ex.items

@@ -129,6 +129,18 @@ def _allowed(f: str) -> list[int]:
     return [REGION_NAMES.index(n) for n in _finding(f).regions]
 
 
+def region_auc(f: str, scores: Sequence, records: Sequence[dict]) -> float | None:
+    """AUC of finding ``f`` over the (image, region) pairs where ``knowledge`` says it can be seen:
+    ``scores[i][k]`` for image ``i`` and region ``k``, labels from ``records[i]["region_findings"]``."""
+    s, y = [], []
+    for i, rec in enumerate(records):
+        rf = rec.get("region_findings", {})
+        for k in _allowed(f):
+            s.append(float(scores[i][k]))
+            y.append(f in rf.get(REGION_NAMES[k], []))
+    return roc_auc(s, y)
+
+
 def evaluate_zero_shot(model, text_encoder, feats: dict[str, torch.Tensor], records: Sequence[dict],
                        wordings: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
     """Zero-shot AUCs and grounding accuracy on images with ground truth.
@@ -169,14 +181,7 @@ def score_zero_shot(scorer: ZeroShotScorer, regions: torch.Tensor | Sequence[tor
         img_scores = np.stack([scorer.image_probs(r)[0] for r in reg_scores])  # (N, F)
         r_auc, i_auc = {}, {}
         for j, f in enumerate(fs):
-            ks = _allowed(f)
-            s, y = [], []
-            for i, rec in enumerate(records):
-                rf = rec.get("region_findings", {})
-                for k in ks:
-                    s.append(float(reg_scores[i][j, k]))
-                    y.append(f in rf.get(REGION_NAMES[k], []))
-            r_auc[f] = roc_auc(s, y)
+            r_auc[f] = region_auc(f, [r[j] for r in reg_scores], records)
             i_auc[f] = roc_auc(img_scores[:, j], [f in rec.get("image_findings", []) for rec in records])
         valid_r = [v for v in r_auc.values() if v is not None]
         valid_i = [v for v in i_auc.values() if v is not None]

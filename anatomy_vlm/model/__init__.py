@@ -172,7 +172,7 @@ class AnatomyVLM(nn.Module):
         if self.aligner.lesion is not None:
             if images is None:
                 raise ValueError("this aligner has a lesion branch: align() needs the model-input images")
-            h = int(images.shape[-1]) // 4
+            h = int(images.shape[-1]) // self.aligner.lesion.stride
             lesion = self.aligner.pool_lesion(images, region_weights(out.masks, (h, h)))
         return self.aligner(pool_regions(embeddings, out.masks), out.region_embeddings, out.global_embedding,
                             lesion)

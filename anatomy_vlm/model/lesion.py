@@ -61,6 +61,7 @@ class LesionBranch(nn.Module):
         if channels <= 0 or width <= 0:
             raise ValueError(f"lesion branch channels and width must be positive, got {channels}, {width}")
         self.channels = int(channels)
+        self.stride = 4  # output grid = input side / 4 (two stride-2 convolutions)
         self.stem = nn.Sequential(
             nn.Conv2d(1, width, 3, stride=2, padding=1, bias=False), _norm(width), nn.GELU(),
             _Block(width),
