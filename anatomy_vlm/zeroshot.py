@@ -9,11 +9,20 @@ prompt ensemble) and
     p_k(f) = softmax(scale * [<r_k, c_pos(f)>, <r_k, c_neg(f)>])[0]
 
 with ``r_k`` the region's unit embedding (which carries its region through knowledge enrichment) and
-``scale`` the learned temperature. The **image-level** probability is the largest region probability,
-``p(f) = max_k p_k(f)`` (the image shows ``f`` where some region does); it scored better than the
-aligned global embedding against image templates on the validation split (image AUC 0.73 vs 0.55),
-and it names the region that carries it. Grounding a sentence: its joint-space vector against the 29
-region embeddings of the image, softmax over regions.
+``scale`` the learned temperature. The **image-level** probability pools the region logits
+``z_k(f) = scale * (<r_k, c_pos(f)> - <r_k, c_neg(f)>)`` (``p_k = sigmoid(z_k)``) with weights that say
+where in this image the finding text points:
+
+    g_k(f) = softmax_{k in S(f)}(scale * <r_k, c_pos(f)>),     p(f) = sigmoid(sum_k g_k(f) z_k(f))
+
+over the finding's sites ``S(f)``: the regions where ``knowledge`` says it can be seen when the text
+names a known finding (by name or synonym, read by the report parser: "small left pleural effusion"
+-> pleural effusion), all 29 regions for any other text. It names the region of largest ``g_k``. A
+region where the finding cannot be seen no longer decides the image (the largest region probability,
+used before, let a false positive anywhere in the image do so); measured on the demo's validation and
+test splits in the README ("Image level").
+Grounding a sentence: its joint-space vector against the 29 region embeddings of the image, softmax
+over regions.
 
 Prompt embeddings are cached per text (:class:`anatomy_vlm.text.TextEncoder`): a new prompt costs one
 text-encoder call for its six template sentences, then nothing.
@@ -111,12 +120,36 @@ class ZeroShotScorer:
         return torch.softmax(logits, -1)[..., 0].numpy().astype(np.float32)
 
     @staticmethod
-    def image_probs(region_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Image-level ``(F,)`` probabilities from ``(F, K)`` region ones (their maximum) and the ``(F,)``
-        index of the region that gives each."""
-        if region_probs.shape[0] == 0:
+    def sites(text: str, num_regions: int = len(REGION_NAMES)) -> np.ndarray:
+        """``(K,)`` boolean: the regions where the finding a text names can be seen (``knowledge``), or all
+        regions when the text names no known finding (or several, or rules one out)."""
+        f = _known_finding(text)
+        out = np.zeros(num_regions, bool)
+        if f is None:
+            out[:] = True
+        else:
+            out[[k for k in _allowed(f) if k < num_regions]] = True
+        return out
+
+    @torch.no_grad()
+    def image_probs(self, regions: torch.Tensor, findings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Image-level ``(F,)`` probabilities of finding texts and the ``(F,)`` index of the region each
+        points to (module docstring: region logits pooled with the text's grounding over its sites).
+
+        Args:
+            regions: ``(K, J)`` unit region embeddings of one image.
+            findings: Finding texts (checked by the caller).
+        """
+        if not findings:
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
-        return region_probs.max(1).astype(np.float32), region_probs.argmax(1)
+        pos, neg = self.class_vectors(findings)
+        r = regions.float()
+        scale = float(self.aligner.scale)
+        pos_sim = scale * (pos @ r.T)  # (F, K)
+        z = pos_sim - scale * (neg @ r.T)
+        sites = torch.as_tensor(np.stack([self.sites(f, r.shape[0]) for f in findings]))
+        g = torch.softmax(pos_sim.masked_fill(~sites, float("-inf")), -1)
+        return torch.sigmoid((g * z).sum(-1)).numpy().astype(np.float32), g.argmax(-1).numpy()
 
     @torch.no_grad()
     def ground(self, regions: torch.Tensor, sentence: str) -> np.ndarray:
@@ -127,6 +160,20 @@ class ZeroShotScorer:
 
 def _allowed(f: str) -> list[int]:
     return [REGION_NAMES.index(n) for n in _finding(f).regions]
+
+
+def _known_finding(text: str) -> str | None:
+    """The one known finding a text asserts (canonical name), or ``None``."""
+    from .report_parser import parse_sentence
+
+    try:
+        return _finding(text).name
+    except KeyError:
+        pass
+    found = {m.finding for m in parse_sentence(text)}
+    if len(found) != 1 or any(m.negated for m in parse_sentence(text)):
+        return None
+    return found.pop()
 
 
 def region_auc(f: str, scores: Sequence, records: Sequence[dict]) -> float | None:
@@ -178,7 +225,7 @@ def score_zero_shot(scorer: ZeroShotScorer, regions: torch.Tensor | Sequence[tor
         fs = list(prompts)
         texts = [prompts[f] for f in fs]
         reg_scores = [scorer.region_probs(regions[i], texts) for i in range(len(records))]  # (F, K) each
-        img_scores = np.stack([scorer.image_probs(r)[0] for r in reg_scores])  # (N, F)
+        img_scores = np.stack([scorer.image_probs(regions[i], texts)[0] for i in range(len(records))])  # (N, F)
         r_auc, i_auc = {}, {}
         for j, f in enumerate(fs):
             r_auc[f] = region_auc(f, [r[j] for r in reg_scores], records)
