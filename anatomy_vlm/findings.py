@@ -8,8 +8,8 @@
 
 Both answers are computed from the language stage's joint-space embeddings of the image's 29 regions
 (:class:`~anatomy_vlm.zeroshot.ZeroShotScorer`): per-region probabilities of a finding text from
-positive/negative prompt ensembles, the image-level probability as the region logits pooled where the
-finding text points among the regions it can be seen in, and a sentence's grounding as a softmax over the 29 regions. Scores are model outputs on a demo-trained
+positive/negative prompt ensembles, the image-level probability as the largest of them over the regions
+where the finding can be seen (all regions for a text naming no known finding), and a sentence's grounding as a softmax over the 29 regions. Scores are model outputs on a demo-trained
 model, not calibrated clinical probabilities; the README gives what they were measured to be worth.
 
 User text goes through :func:`parse_prompts` / :func:`anatomy_vlm.text.check_prompt` first: empty,
@@ -83,7 +83,7 @@ def region_findings(pred, scorer, prompts: Sequence[str] | None = None, top_k: i
     _need_aligned(pred)
     texts = parse_prompts(list(prompts)) if prompts else list(FINDING_NAMES)
     probs = scorer.region_probs(pred.aligned.regions[0], texts)  # (F, 29)
-    img, arg = scorer.image_probs(pred.aligned.regions[0], texts)
+    img, arg = scorer.image_probs(probs, texts)
     out = pred.to_json()
     k = len(texts) if not top_k else min(int(top_k), len(texts))
     for row, i in zip(out["regions"], pred.indices):

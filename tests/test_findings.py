@@ -45,15 +45,13 @@ def test_region_findings_lists_every_region_and_the_image_best_first(served):
     img = out["findings"]
     assert [f["finding"] for f in img] and {f["finding"] for f in img} == set(FINDING_NAMES)
     assert [f["score"] for f in img] == sorted((f["score"] for f in img), reverse=True)
-    # the image-level score pools the region scores of the finding's sites (a weighted mean of their
-    # logits: between the lowest and the highest of them), and names one of those regions
+    # the image-level score is the largest region score where the finding can be seen, and names that region
     full = region_findings(pred, p.language(), top_k=0)
     per_region = {r["name"]: {f["finding"]: f["score"] for f in r["findings"]} for r in full["regions"]}
     for f in full["findings"]:
         sites = set(finding(f["finding"]).regions)
-        scores = [per_region[n][f["finding"]] for n in sites]
-        assert min(scores) - 1e-4 <= f["score"] <= max(scores) + 1e-4
-        assert f["region"] in sites
+        assert f["score"] == pytest.approx(max(per_region[n][f["finding"]] for n in sites), abs=1e-4)
+        assert f["region"] in sites and per_region[f["region"]][f["finding"]] == pytest.approx(f["score"], abs=1e-4)
 
 
 def test_sites_of_a_finding_text():
@@ -73,21 +71,25 @@ def test_image_level_ignores_regions_where_the_finding_cannot_be_seen(served):
     scorer = p.language()
     regions = pred.aligned.regions[0].clone()
     texts = ["pleural effusion", "hydrothorax"]
-    before, _ = scorer.image_probs(regions, texts)
+    before, _ = scorer.image_probs(scorer.region_probs(regions, texts), texts)
     pos, _ = scorer.class_vectors(texts[:1])
     outside = REGION_NAMES.index("trachea")
     assert outside not in {REGION_NAMES.index(n) for n in finding("pleural effusion").regions}
     moved = regions.clone()
     moved[outside] = pos[0]  # the trachea now looks like an effusion
-    assert scorer.region_probs(moved, texts[:1])[0, outside] > 0.9
-    after, _ = scorer.image_probs(moved, texts)
-    assert after[0] == pytest.approx(before[0], abs=1e-6)  # not one of the effusion's sites
-    assert after[1] > before[1]  # a text naming no known finding pools all 29 regions
+    probs = scorer.region_probs(moved, texts)
+    assert probs[0, outside] > 0.9
+    after, arg = scorer.image_probs(probs, texts)
+    assert after[0] == pytest.approx(before[0], abs=1e-6) and int(arg[0]) != outside  # not an effusion site
+    assert after[1] == pytest.approx(probs[1].max()) and after[1] >= probs[1, outside]  # no known finding: all 29
     site = REGION_NAMES.index("right costophrenic angle")
     moved = regions.clone()
     moved[site] = pos[0]
-    raised, arg = scorer.image_probs(moved, texts)
-    assert raised[0] > before[0] + 0.05 and int(arg[0]) == site
+    probs = scorer.region_probs(moved, texts)
+    raised, _ = scorer.image_probs(probs, texts)
+    assert raised[0] >= probs[0, site] > 0.9
+    with pytest.raises(ValueError, match="finding texts"):
+        scorer.image_probs(probs, texts[:1])
 
 
 def test_a_new_prompt_costs_one_text_encoder_call_then_nothing(served):
