@@ -9,8 +9,8 @@
 Both answers are computed from the language stage's joint-space embeddings of the image's 29 regions
 (:class:`~anatomy_vlm.zeroshot.ZeroShotScorer`): per-region probabilities of a finding text from
 positive/negative prompt ensembles, the image-level probability as the largest of them over the regions
-where the finding can be seen (all regions for a text naming no known finding), and a sentence's grounding as a softmax over the 29 regions. Scores are model outputs on a demo-trained
-model, not calibrated clinical probabilities; the README gives what they were measured to be worth.
+where the finding can be seen (all regions for a text naming no known finding), and a sentence's
+grounding as a softmax over the 29 regions. Scores are model outputs on a demo-trained model, not calibrated clinical probabilities; the README gives what they were measured to be worth.
 
 User text goes through :func:`parse_prompts` / :func:`anatomy_vlm.text.check_prompt` first: empty,
 over-long or non-text prompts raise ``ValueError`` with a message (HTTP 400 in the server).

@@ -26,6 +26,7 @@ text-encoder call for its six template sentences, then nothing.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -151,16 +152,19 @@ def _allowed(f: str) -> list[int]:
     return [REGION_NAMES.index(n) for n in _finding(f).regions]
 
 
+@functools.lru_cache(maxsize=4096)
 def _known_finding(text: str) -> str | None:
-    """The one known finding a text asserts (canonical name), or ``None``."""
+    """The one known finding a text asserts (canonical name), or ``None`` (cached per text: asked once
+    per image and prompt)."""
     from .report_parser import parse_sentence
 
     try:
         return _finding(text).name
     except KeyError:
         pass
-    found = {m.finding for m in parse_sentence(text)}
-    if len(found) != 1 or any(m.negated for m in parse_sentence(text)):
+    mentions = parse_sentence(text)
+    found = {m.finding for m in mentions}
+    if len(found) != 1 or any(m.negated for m in mentions):
         return None
     return found.pop()
 
