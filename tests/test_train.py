@@ -102,3 +102,24 @@ def test_mask_boxes_are_pixel_edges():
     m = torch.zeros(2, 8, 10, dtype=torch.bool)
     m[0, 2:5, 3:7] = True
     assert mask_boxes(m).tolist() == [[3, 2, 7, 5], [0, 0, 0, 0]]
+
+
+def test_extra_train_roots_join_the_training_set_only(demo_studies, tmp_path):
+    from anatomy_vlm.data import DemoDataset
+    from anatomy_vlm.demo import build_demo
+    from anatomy_vlm.train import _datasets
+
+    extra = tmp_path / "extra"
+    build_demo(extra, n=4, seed=3, size=128, progress=False)
+    data = {"kind": "demo", "root": str(demo_studies.root), "extra_train_roots": [str(extra)]}
+    train_ds, val_ds = _datasets(data)
+    own, more = DemoDataset(demo_studies.root, "train"), DemoDataset(extra, "train")
+    assert len(more) >= 1 and len(train_ds) == len(own) + len(more)
+    paths = {str(train_ds.path_of(i)) for i in range(len(train_ds))}
+    assert {str(extra / e["image"]) for e in more.entries} <= paths
+    assert val_ds.ids == DemoDataset(demo_studies.root, "val").ids  # validation stays on `root`
+    assert {s["id"] for s in (train_ds[i] for i in range(len(train_ds)))} >= set(more.ids)
+    with pytest.raises(ValueError, match="data.extra_train_roots: .* holds no demo build"):
+        _datasets(dict(data, extra_train_roots=[str(tmp_path / "missing")]))
+    with pytest.raises(ValueError, match="must be a list"):
+        _datasets(dict(data, extra_train_roots=str(extra)))
