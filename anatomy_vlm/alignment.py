@@ -220,13 +220,15 @@ ALIGN_DEFAULTS: dict[str, Any] = {
     "text_model": None, "text_cache": None, "seed": 0, "lesion_channels": None,
     "image_jitter": {"prob": 0.5, "gamma": 1.5, "noise": 0.03}, "lesion_epochs": 20, "lesion_batch_size": 16,
     "lesion_lr": 1e-3, "lesion_affine": {"rotate_deg": 10.0, "scale": 0.15, "shift": 0.08},
-    "extra_roots": [],
+    "extra_roots": [], "fresh_aligner": False,
 }
 """The ``align`` section of a training config (``anatomy_vlm.train``). Lesion branch keys:
 ``lesion_channels`` (``None`` keeps the model's aligner as it is, 0 removes the branch, ``L`` > 0 gives
 the aligner a new branch of ``L`` channels), ``lesion_epochs``, ``lesion_batch_size``, ``lesion_lr``,
 ``lesion_affine`` (``null``: no warping), ``image_jitter``. ``extra_roots``: more demo builds whose
-training split adds report-image pairs to this stage only (detection never sees them)."""
+training split adds report-image pairs to this stage only (detection never sees them). ``fresh_aligner``:
+start from a new, untrained aligner even when the model already has one (retrain the language stage on a
+served checkpoint's detection; the new aligner's initial weights follow ``seed``)."""
 
 
 def _cosine(opt, total: int, floor: float):

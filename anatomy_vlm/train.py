@@ -385,7 +385,7 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
     ac = config.get("align") or {}
     if ac.get("enabled"):
         _check_extra_roots(ac.get("extra_roots"), "align.extra_roots")  # before hours of detection training
-        _attach_aligner(model, ac.get("lesion_channels"))
+        _attach_aligner(model, ac.get("lesion_channels"), fresh=bool(ac.get("fresh_aligner")), seed=int(ac.get("seed", 0)))
         config = dict(config, model=model.config)
     encoder_frozen = not any(p.requires_grad for p in model.encoder.parameters())
     train_ds, val_ds = _datasets(config["data"])
@@ -606,19 +606,24 @@ def _save(path, model, meta: dict, keep_encoder: bool, **kw) -> None:
     save_checkpoint(path, model, meta, include_frozen_encoder=keep_encoder, **kw)
 
 
-def _attach_aligner(model, lesion_channels: int | None = None) -> None:
-    """Give a model an (untrained) aligner when it has none, or when ``lesion_channels`` (the ``align``
-    section's; ``None`` keeps the model's) asks for another lesion branch, and record it in its config."""
+def _attach_aligner(model, lesion_channels: int | None = None, fresh: bool = False, seed: int = 0) -> None:
+    """Give a model an (untrained) aligner when it has none, when ``fresh`` (``align.fresh_aligner``: the
+    language stage starts over on the model's detection), or when ``lesion_channels`` (the ``align``
+    section's; ``None`` keeps the model's) asks for another lesion branch, and record it in its config.
+    A new aligner's initial weights depend on ``seed`` (``align.seed``) alone, not on how the model was
+    built or loaded before."""
     from .model import build_aligner, resolve_config
 
     al = dict((model.config or {}).get("aligner") or {}, enabled=True)
-    rebuild = model.aligner is None
+    rebuild = model.aligner is None or bool(fresh)
     if lesion_channels is not None and int(lesion_channels) != int(al.get("lesion_channels") or 0):
         al["lesion_channels"] = int(lesion_channels)
         rebuild = True
     cfg = resolve_config(dict(model.config or {}, aligner=al))
     if rebuild:
-        model.aligner = build_aligner(cfg, int(model.encoder.out_channels))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            model.aligner = build_aligner(cfg, int(model.encoder.out_channels))
     model.config = cfg
 
 

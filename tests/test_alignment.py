@@ -135,6 +135,31 @@ def test_aligner_config_needs_masks_and_builds():
     assert math.isclose(float(out.aligned_image[0].norm()), 1.0, rel_tol=1e-5)
 
 
+
+def test_fresh_aligner_starts_over_from_its_seed_and_keeps_detection():
+    from anatomy_vlm.train import _attach_aligner
+
+    cfg = {"aligner": {"enabled": True, "joint_dim": 32, "hidden": 64},
+           "mask_head": {"kind": "dense", "widths": [16, 16, 16], "fine": [8, 8]},
+           "decoder": {"d_model": 32, "num_heads": 2, "dim_feedforward": 64, "embed_dim": 16},
+           "box_refiner": {"enabled": False}}
+    m = build_model(cfg)
+    old = {k: v.clone() for k, v in m.aligner.state_dict().items()}
+    dec = {k: v.clone() for k, v in m.decoder.state_dict().items()}
+    kept = m.aligner
+    _attach_aligner(m)  # an aligner of the configured size is kept as it is
+    assert m.aligner is kept
+    _attach_aligner(m, fresh=True, seed=3)
+    first = {k: v.clone() for k, v in m.aligner.state_dict().items()}
+    assert m.aligner is not kept and any(not torch.equal(old[k], first[k]) for k in old)
+    torch.rand(100)  # the global random state moves on; the new aligner does not depend on it
+    _attach_aligner(m, fresh=True, seed=3)
+    assert all(torch.equal(first[k], v) for k, v in m.aligner.state_dict().items())
+    _attach_aligner(m, fresh=True, seed=4)
+    assert any(not torch.equal(first[k], v) for k, v in m.aligner.state_dict().items())
+    assert all(torch.equal(dec[k], v) for k, v in m.decoder.state_dict().items())  # detection untouched
+    assert m.config["aligner"]["enabled"]
+
 # ----- the lesion branch ------------------------------------------------------------------------------
 
 def test_lesion_branch_shape_and_per_image_normalisation():
