@@ -53,10 +53,9 @@ def tta_predictor(checkpoint: str, cache_dir: str | None, views: list[list[float
                 for v in views:
                     t = view_theta(*v)[None]
                     xv = F.grid_sample(x, F.affine_grid(t, list(x.shape), align_corners=False), align_corners=False)
-                    with torch.no_grad(), self._encoder_lock:
+                    with self._encoder_lock:  # (predict() calls this under torch.no_grad())
                         ev = self._encoder()(xv)[0].float()
-                    with torch.no_grad():
-                        lv = head(ev[None], xv).float()
+                    lv = head(ev[None], xv).float()
                     back_grid = F.affine_grid(inverse_theta(t[0])[None], list(plain.shape), align_corners=False)
                     back = F.grid_sample(lv, back_grid, align_corners=False, padding_mode="border")
                     seen = (F.grid_sample(torch.ones_like(lv[:, :1]), back_grid, align_corners=False) > 0.99).float()

@@ -135,7 +135,6 @@ def test_aligner_config_needs_masks_and_builds():
     assert math.isclose(float(out.aligned_image[0].norm()), 1.0, rel_tol=1e-5)
 
 
-
 def test_fresh_aligner_starts_over_from_its_seed_and_keeps_detection():
     from anatomy_vlm.train import _attach_aligner
 
@@ -159,6 +158,7 @@ def test_fresh_aligner_starts_over_from_its_seed_and_keeps_detection():
     assert any(not torch.equal(first[k], v) for k, v in m.aligner.state_dict().items())
     assert all(torch.equal(dec[k], v) for k, v in m.decoder.state_dict().items())  # detection untouched
     assert m.config["aligner"]["enabled"]
+
 
 # ----- the lesion branch ------------------------------------------------------------------------------
 
