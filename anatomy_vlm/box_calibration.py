@@ -37,7 +37,7 @@ import numpy as np
 from .anatomy import NUM_REGIONS
 
 __all__ = ["MIN_IMAGES", "apply_box_calibration", "calibrate_checkpoint", "calibration_offsets",
-           "fit_box_calibration", "refit_from_corrections"]
+           "fit_box_calibration", "refit_from_corrections", "shown_path"]
 
 MIN_IMAGES = 5
 """A region present in fewer images of the fitting split keeps offset 0."""
@@ -143,7 +143,8 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, demo_root: str | os.Path
            "map_before": round(float(_map(raw_a)), 4),
            "map_after": round(float(_map(after)), 4),
            "fitted": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "command": f"anatomy-vlm calibrate-boxes --checkpoint {_shown(checkpoint)} --demo {_shown(demo_root)} "
+           "command": f"anatomy-vlm calibrate-boxes --checkpoint {shown_path(checkpoint)} "
+                      f"--demo {shown_path(demo_root)} "
                       f"--split {split}"}
     update_checkpoint_meta(checkpoint, {"box_calibration": cal})
     return cal
@@ -204,7 +205,7 @@ def _raw_mask_boxes(predictor: Any, ds: Any, indices: Any) -> tuple:
     return np.stack(raw), np.stack(gts), np.stack(pres), np.stack(mask_rows), scores, sizes
 
 
-def _shown(path: str | os.PathLike) -> str:
+def shown_path(path: str | os.PathLike) -> str:
     """``path`` relative to the working directory when inside it (the metadata says how it was made)."""
     rel = os.path.relpath(os.path.abspath(path))
     return str(path) if rel.startswith("..") else rel

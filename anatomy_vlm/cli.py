@@ -171,6 +171,20 @@ def _calibrate_boxes(a: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_familiarity(a: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .familiarity import familiarity_for_checkpoint
+
+    torch.set_num_threads(max(1, a.threads))
+    ref = familiarity_for_checkpoint(a.checkpoint, a.demo, fit_split=a.fit_split, split=a.split,
+                                     cache_dir=a.cache_dir, progress=not a.quiet)
+    print(json.dumps(ref, indent=1))
+    return 0
+
+
 def _versions(a: argparse.Namespace) -> int:
     import json
 
@@ -268,6 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     cb.add_argument("--quiet", action="store_true", help="no progress bar")
     cb.set_defaults(func=_calibrate_boxes)
+    ff = sub.add_parser("fit-familiarity", help="fit the training images' embedding statistics that grade how "
+                                                "familiar each image looks (input_check) and store them in "
+                                                "the checkpoint")
+    ff.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help=f"default {DEFAULT_CHECKPOINT_REL}")
+    ff.add_argument("--demo", default="data/demo", help="demo folder holding manifest.json (default data/demo)")
+    ff.add_argument("--fit-split", choices=("train", "val"), default="train",
+                    help="the images whose mean and covariance are the reference (default train)")
+    ff.add_argument("--split", choices=("val", "train"), default="val",
+                    help="held-out images whose largest distance is the threshold (default val)")
+    ff.add_argument("--cache-dir", default="data/cache/embeddings", help="embedding cache folder")
+    ff.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ff.add_argument("--quiet", action="store_true", help="no progress bar")
+    ff.set_defaults(func=_fit_familiarity)
     v = sub.add_parser("versions", help="list the served checkpoint's fine-tuned versions, or restore one")
     v.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                    help="the served checkpoint (versions live in versions/ next to it)")

@@ -40,6 +40,7 @@ import torch
 from .anatomy import NUM_REGIONS, REGION_NAMES, REGIONS, region as _lookup_region
 from .box_calibration import apply_box_calibration, calibration_offsets
 from .cache import EmbeddingCache, file_digest
+from .familiarity import Familiarity, header_meta, metadata_notes, pooled_features
 from .io import Radiograph, read_image
 from .model.query_mask_head import mask_boxes
 from .model.dense_mask_head import boxes_from_logits, clean_logits, mask_quality
@@ -100,6 +101,9 @@ class Prediction:
         aligned: With ``predict(..., align=True)``: the language stage's joint-space embeddings of all 29
             regions and of the image (:class:`~anatomy_vlm.model.aligner.AlignOutput`, batch of one), else
             ``None``; :mod:`anatomy_vlm.findings` scores findings and sentences against them.
+        input_check: How far the image is from what the model was trained on
+            (:mod:`anatomy_vlm.familiarity`): ``{"level", "distance", "threshold", "ratio", "message",
+            "notes"}``; ``None`` for a prediction made without one.
     """
 
     image: str
@@ -112,6 +116,7 @@ class Prediction:
     box_source: tuple[str, ...] = ()
     timing: dict[str, Any] = field(default_factory=dict)
     aligned: Any = None
+    input_check: dict[str, Any] | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -131,12 +136,14 @@ class Prediction:
         return Prediction(self.image, self.image_shape, tuple(want), self.boxes[rows], self.scores[rows],
                           self.decoder_boxes[rows], None if self.masks is None else self.masks[rows],
                           tuple(self.box_source[r] for r in rows) if self.box_source else (), dict(self.timing),
-                          self.aligned)
+                          self.aligned, self.input_check)
 
     def to_json(self, regions: str | Iterable[str | int] | None = None) -> dict[str, Any]:
         """``{"image", "image_shape": [H, W], "regions": [{"name", "id", "box": [x0, y0, x1, y1], "score",
-        "box_source"}, ...]}`` (DESIGN section 7), rows in the order the regions were asked for."""
+        "box_source"}, ...], "input_check": {...}}`` (DESIGN section 7), rows in the order the regions were
+        asked for; ``input_check`` only when the prediction has one."""
         p = self if regions is None else self.subset(regions)
+        extra = {} if p.input_check is None else {"input_check": p.input_check}
         return {
             "image": p.image,
             "image_shape": [int(p.image_shape[0]), int(p.image_shape[1])],
@@ -147,6 +154,7 @@ class Prediction:
                  "box_source": p.box_source[k] if p.box_source else "decoder"}
                 for k, i in enumerate(p.indices)
             ],
+            **extra,
         }
 
 
@@ -184,6 +192,9 @@ class Predictor:
         #: ``(29, 4)`` per-region box offsets from the checkpoint (:mod:`anatomy_vlm.box_calibration`),
         #: applied to mask-derived boxes; None (or set to None) for the raw boxes.
         self.box_calibration = calibration_offsets(self.meta)
+        #: the training images' embedding statistics (:mod:`anatomy_vlm.familiarity`) that grade every
+        #: image's ``input_check``; None when the checkpoint has none
+        self.familiarity = Familiarity.from_meta(self.meta)
         enc = getattr(model, "encoder", None)
         tag = encoder_tag(enc) if enc is not None else "no-encoder"
         self.cache = EmbeddingCache(cache_dir, tag, memory_items=memory_items)
@@ -429,8 +440,21 @@ class Predictor:
         t3 = time.perf_counter()
         timing = {"embed": round(t1 - t0, 4), "cached": bool(cached), "decode": round(t2 - t1, 4),
                   "masks": round(t3 - t2, 4), "total": round(t3 - t0, 4)}
+        check = self.input_check(emb, box, image if isinstance(image, Radiograph) else src)
         return Prediction(src, tuple(box.original_size), tuple(idx), final, scores[idx].astype(np.float32),
-                          dec, masks, tuple(source), timing, aligned)
+                          dec, masks, tuple(source), timing, aligned, check)
+
+    def input_check(self, emb: torch.Tensor, box, image: str | os.PathLike | Radiograph) -> dict[str, Any]:
+        """How far one image is from the training images (its embedding against the checkpoint's
+        familiarity reference) plus notes on its DICOM attributes; see :mod:`anatomy_vlm.familiarity`."""
+        if self.familiarity is None:
+            out: dict[str, Any] = {"level": "unknown", "message": "this checkpoint has no familiarity reference "
+                                   "(fit one with `anatomy-vlm fit-familiarity`)"}
+        else:
+            out = self.familiarity.grade(pooled_features(emb, box.resized_size, box.input_size))
+        meta = image.meta if isinstance(image, Radiograph) else header_meta(image) if image else {}
+        out["notes"] = metadata_notes(meta)
+        return out
 
     # -- background encoding ---------------------------------------------------------------------------
     def prefetch(self, paths: Iterable[str | os.PathLike]) -> int:

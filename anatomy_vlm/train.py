@@ -39,7 +39,10 @@ One config file per run (JSON, or YAML if the file ends in .yaml/.yml); every ke
     loaded into the float32 model; ``last.pt`` stays float32), ``calibrate_boxes`` (``null``, or a demo
     split, ``"val"``: after training, fit the per-region box calibration on it and store it in the
     checkpoint, :mod:`anatomy_vlm.box_calibration`; demo data and the dense mask head only; a fine-tuned
-    checkpoint carries its parent's).
+    checkpoint carries its parent's), ``fit_familiarity`` (``false``, or ``true``: after training, fit the
+    reference that grades how familiar each image looks to the model on the train split, threshold from the
+    val split, :mod:`anatomy_vlm.familiarity`; demo data only; a fine-tuned checkpoint carries its parent's
+    while the encoder stays frozen, and has none when the encoder trained).
 ``align``
     The language stage after detection (:data:`anatomy_vlm.alignment.ALIGN_DEFAULTS`; ``enabled``,
     ``global_epochs``, ``all_epochs``, ...). With ``init_checkpoint`` and ``epochs: 0`` only this stage
@@ -93,7 +96,8 @@ DEFAULTS: dict[str, Any] = {
               "feature_affine": None, "image_jitter": None, "encoder_trainable_blocks": None, "encoder_adapters": None,
               "threads": 2, "cache_dir": None},
     "output": {"checkpoint": "apps/anatomy_vlm/model/anatomy_vlm.pt", "run_dir": "runs/anatomy",
-               "weights_dtype": "float32", "calibrate_boxes": None},
+               "weights_dtype": "float32", "calibrate_boxes": None,
+               "fit_familiarity": False},
     "align": dict(ALIGN_DEFAULTS),
 }
 
@@ -354,6 +358,8 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
     tc, oc = config["train"], config["output"]
     if oc.get("calibrate_boxes") and config["data"].get("kind", "demo") != "demo":
         raise ValueError("output.calibrate_boxes needs demo data (a split with reference boxes)")
+    if oc.get("fit_familiarity") and config["data"].get("kind", "demo") != "demo":
+        raise ValueError("output.fit_familiarity needs demo data (train and val splits)")
     rank, world = _dist_init()
     torch.manual_seed(tc["seed"] + rank)
     np.random.seed(tc["seed"] + rank)
@@ -455,6 +461,10 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         parent_cal = init_meta.get("box_calibration")
         if parent_cal:
             meta_base["box_calibration"] = dict(parent_cal, carried_from=str(init))
+        # the familiarity reference describes the parent's encoder features: valid while they are unchanged
+        parent_fam = init_meta.get("familiarity")
+        if parent_fam and encoder_frozen:
+            meta_base["familiarity"] = dict(parent_fam, carried_from=str(init))
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     log = (run_dir / "log.jsonl").open("a") if rank == 0 else None
@@ -560,6 +570,13 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         result["box_calibration"] = {k: v for k, v in cal.items() if k != "offsets"}
         if log:
             log.write(json.dumps({"box_calibration": result["box_calibration"]}) + "\n")
+    if rank == 0 and oc.get("fit_familiarity"):
+        from .familiarity import familiarity_for_checkpoint
+
+        result["familiarity"] = familiarity_for_checkpoint(oc["checkpoint"], config["data"]["root"],
+                                                           cache_dir=tc.get("cache_dir"), progress=show)
+        if log:
+            log.write(json.dumps({"familiarity": result["familiarity"]}) + "\n")
     if log:
         log.close()
     if world > 1:

@@ -119,7 +119,8 @@ def test_fine_tuning_with_adapters_stores_the_merged_encoder_and_later_rounds_ke
         _correct(studies, i, {"right lung", "left lung", "cardiac silhouette"})
     start = tmp_path / "start.pt"
     torch.manual_seed(0)
-    save_checkpoint(start, build_model(DENSE_TINY), {"data": "random start (test)"})
+    fam = {"mean": [0.0] * 256, "precision": torch.eye(256).tolist(), "threshold": 20.0}
+    save_checkpoint(start, build_model(DENSE_TINY), {"data": "random start (test)", "familiarity": fam})
     assert not read_checkpoint(start)["meta"]["encoder_in_file"]
 
     def run(init, out, adapters):
@@ -138,6 +139,7 @@ def test_fine_tuning_with_adapters_stores_the_merged_encoder_and_later_rounds_ke
     assert tuned["meta"]["encoder_in_file"]
     assert tuned["meta"]["encoder_adapters"] == {"blocks": 1, "rank": 2, "merged": True, "first_trainable_unit": 15}
     assert not any("lora_" in k for k in tuned["state_dict"])  # merged: the plain TinyViT layout
+    assert "familiarity" not in tuned["meta"]  # described the parent's encoder features, which changed
     assert list((tmp_path / "cache" / "encoder_prefix").rglob("*.pt"))  # the frozen part ran once, cached
     model, _ = load_model(tmp_path / "tuned.pt")
     pre, _ = load_model(start)

@@ -274,6 +274,8 @@ def test_detection_returns_boxes_and_a_slicer_roi_file(client, with_checkpoint, 
     for x0, y0, x1, y1 in result["boxes"]:
         assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h
     assert len(result["box"]) == NUM_REGIONS and all(len(b) == 6 for b in result["box"])  # MONAI form
+    check = result["input_check"]  # the tiny checkpoint has no familiarity reference, and says so
+    assert check["level"] == "unknown" and "fit-familiarity" in check["message"] and check["notes"] == []
     disp, body = parts["file"]
     assert '.json"' in disp  # the stock panel loads a *.json result with slicer.util.loadMarkups
     markups = json.loads(body)["markups"]
@@ -384,6 +386,9 @@ def test_region_findings_json_with_default_and_own_prompts(client, with_shipped,
     body = r.json()
     assert len(body["regions"]) == NUM_REGIONS and all(len(x["findings"]) == 3 for x in body["regions"])
     assert body["prompts"] and {f["finding"] for f in body["findings"]} == set(body["prompts"])
+    check = body["input_check"]  # graded against the shipped checkpoint's training images
+    assert check["level"] in ("in range", "outside the training range", "far outside the training range")
+    assert check["ratio"] == pytest.approx(check["distance"] / check["threshold"], abs=0.01)
     own = ["veil-like haze over the left base", "widened mediastinum"]
     r = client.post("/infer/region_findings", params={"image": image},
                     data={"params": json.dumps({"prompts": own, "top_k": 0, "regions": "left lung,trachea"})})

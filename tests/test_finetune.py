@@ -42,7 +42,9 @@ def test_only_confirmed_regions_are_labels_and_fine_tuning_starts_from_the_check
     start = tmp_path / "start.pt"
     torch.manual_seed(0)
     cal = {"offsets": [[0.0, 0.01, 0.0, 0.02]] * NUM_REGIONS, "split": "val", "n_images": 30}
-    save_checkpoint(start, build_model(TINY), {"data": "random start (test)", "box_calibration": cal})
+    fam = {"mean": [0.0] * 256, "precision": torch.eye(256).tolist(), "threshold": 20.0}
+    save_checkpoint(start, build_model(TINY), {"data": "random start (test)", "box_calibration": cal,
+                                               "familiarity": fam})
     cfg = load_config(None, {
         "data": {"kind": "corrections", "studies": str(studies), "val_ids": [ids[2]],
                  "replay_root": str(demo_studies.root)},
@@ -55,6 +57,7 @@ def test_only_confirmed_regions_are_labels_and_fine_tuning_starts_from_the_check
     assert meta["data"]["kind"] == "corrections"
     assert meta["config"]["model"]["decoder"]["d_model"] == 64  # the start checkpoint's architecture
     assert meta["box_calibration"] == dict(cal, carried_from=str(start))  # the parent's, said so
+    assert meta["familiarity"] == dict(fam, carried_from=str(start))  # frozen encoder: same features
     tuned, _ = load_model(tmp_path / "tuned.pt")
     before, _ = load_model(start)
     assert not torch.equal(tuned.decoder.box_head[-1].weight, before.decoder.box_head[-1].weight)

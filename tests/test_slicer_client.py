@@ -134,9 +134,15 @@ def test_every_widget_the_module_uses_is_in_the_ui_file():
 
 
 def test_view_helpers_from_real_answers(client, image):
-    from AnatomyVLMLib import grounding_emphasis, image_finding_rows, region_rows, training_progress
+    from AnatomyVLMLib import grounding_emphasis, image_finding_rows, input_check_text, region_rows, training_progress
 
     det = client.detect(image).json
+    assert (input_check_text(det) == "") == (det["input_check"]["level"] == "in range")
+    warn = input_check_text({"input_check": {"level": "outside the training range", "ratio": 2.15, "message": "check",
+                                             "notes": ["DICOM ViewPosition is LL: the model knows frontal views"]}})
+    assert warn == ("Outside the training range (2.1x the threshold): check; "
+                    "DICOM ViewPosition is LL: the model knows frontal views")
+    assert input_check_text({"input_check": {"level": "in range", "notes": []}}) == input_check_text({}) == ""
     f = client.findings(image, top_k=2)
     rows = region_rows(det, f)
     assert [r[0] for r in rows] == list(REGION_NAMES) and all(r[2].count(",") == 1 for r in rows)

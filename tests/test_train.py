@@ -58,15 +58,22 @@ def test_calibrate_boxes_after_training_stores_the_calibration(demo_studies, tmp
                       box_refiner={"enabled": False}),
         "train": {"epochs": 1, "batch_size": 3, "val_every": 1, "cache_dir": str(tmp_path / "cache")},
         "output": {"checkpoint": str(tmp_path / "model.pt"), "run_dir": str(tmp_path / "run"),
-                   "calibrate_boxes": "train"},
+                   "calibrate_boxes": "train", "fit_familiarity": True},
     })
     summary = train(cfg, progress=False, command="test")
-    cal = read_checkpoint(tmp_path / "model.pt")["meta"]["box_calibration"]
+    meta = read_checkpoint(tmp_path / "model.pt")["meta"]
+    cal = meta["box_calibration"]
     assert cal["split"] == "train" and cal["n_images"] == 4 and len(cal["offsets"]) == 29
     assert summary["box_calibration"]["map_after"] == cal["map_after"]
+    fam = meta["familiarity"]  # the embedding reference (anatomy_vlm.familiarity), fitted after training
+    assert (fam["n_train"], fam["n_heldout"], fam["split"]) == (4, 1, "val") and len(fam["mean"]) == 256
+    assert fam["threshold"] > 0 and summary["familiarity"]["threshold"] == fam["threshold"]
     with pytest.raises(ValueError, match="calibrate_boxes needs demo data"):
         train(load_config(None, {"data": {"kind": "chest_imagenome", "root": str(tmp_path)},
                                  "output": {"calibrate_boxes": "val"}}), progress=False)
+    with pytest.raises(ValueError, match="fit_familiarity needs demo data"):
+        train(load_config(None, {"data": {"kind": "chest_imagenome", "root": str(tmp_path)},
+                                 "output": {"fit_familiarity": True}}), progress=False)
 
 
 def test_resume_continues_from_the_last_epoch(run):

@@ -25,8 +25,8 @@ import vtk  # noqa: F401  (Slicer modules import it; the ROI nodes are vtkMRML)
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 
-from AnatomyVLMLib import (AnatomyVLMClient, ClientError, grounding_emphasis, image_finding_rows, region_rows,
-                           training_progress)
+from AnatomyVLMLib import (AnatomyVLMClient, ClientError, grounding_emphasis, image_finding_rows, input_check_text,
+                           region_rows, training_progress)
 
 
 class AnatomyVLM(ScriptedLoadableModule):
@@ -187,12 +187,14 @@ class AnatomyVLMWidget(ScriptedLoadableModuleWidget):
         det = self._run(self.logic.detect)
         if det:
             self._fill(self.ui.regionsTable, region_rows(det, self.logic.last_findings))
+            self.ui.statusLabel.text = input_check_text(det)  # a warning when the image is unlike the training images
 
     def on_findings(self):
         f = self._run(self.logic.findings)
         if f:
             self._fill(self.ui.regionsTable, region_rows(self.logic.last_detection or f, f))
             self._fill(self.ui.imageFindingsTable, image_finding_rows(f))
+            self.ui.statusLabel.text = input_check_text(f)
 
     def on_ground(self):
         g = self._run(self.logic.ground, self.ui.sentenceEdit.text)

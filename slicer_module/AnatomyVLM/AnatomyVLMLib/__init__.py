@@ -2,7 +2,7 @@
 shows (tables, highlights, progress) computed from the server's answers."""
 
 from .client import AnatomyVLMClient, ClientError, InferResult
-from .views import grounding_emphasis, image_finding_rows, region_rows, training_progress
+from .views import grounding_emphasis, image_finding_rows, input_check_text, region_rows, training_progress
 
 __all__ = ["AnatomyVLMClient", "ClientError", "InferResult", "grounding_emphasis", "image_finding_rows",
-           "region_rows", "training_progress"]
+           "input_check_text", "region_rows", "training_progress"]

@@ -23,6 +23,20 @@ def image_finding_rows(findings: dict) -> list[tuple[str, str, str]]:
     return [(f["finding"], f"{f['score']:.3f}", f.get("region", "")) for f in findings.get("findings", [])]
 
 
+def input_check_text(answer: dict) -> str:
+    """The status line's warning about the image (the server's ``input_check``), ``""`` when the image
+    is in the model's training range and its DICOM attributes raise nothing."""
+    check = answer.get("input_check") or {}
+    parts = []
+    level = check.get("level")
+    if level and level != "in range":
+        ratio = check.get("ratio")
+        head = level[0].upper() + level[1:] + (f" ({ratio:.1f}x the threshold)" if ratio is not None else "")
+        parts.append(f"{head}: {check.get('message', '')}".rstrip(": "))
+    parts.extend(check.get("notes") or [])
+    return "; ".join(parts)
+
+
 def grounding_emphasis(grounding: dict) -> dict[str, float]:
     """``{region: relative probability}`` of the top regions of a grounded sentence (1.0 = the most likely):
     the widget thickens and brightens those ROIs, the others fade."""

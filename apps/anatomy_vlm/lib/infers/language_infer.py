@@ -72,6 +72,7 @@ class RegionFindingsInfer(LanguageInfer):
         scorer = self.language(predictor)
         pred = self.run_predict(predictor, image, regions=[i + 1 for i in indices], align=True)
         result = region_findings(pred, scorer, prompts or None, top_k=top_k)
+        result["input_check"] = pred.input_check
         result["latencies"] = pred.timing
         result["format"] = "json"
         return None, result
@@ -103,6 +104,7 @@ class TextGroundingInfer(LanguageInfer):
         scorer = self.language(predictor)
         pred = self.run_predict(predictor, image, with_masks=True, align=True)
         result, probs = ground_sentence(pred, scorer, sentence, top_k=top_k)
+        result["input_check"] = pred.input_check
         geometry = image_geometry(image, pred.image_shape)
         fd, out = tempfile.mkstemp(suffix="." + fmt, prefix="text_grounding_")
         os.close(fd)
