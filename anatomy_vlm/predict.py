@@ -194,7 +194,12 @@ class Predictor:
         self.box_calibration = calibration_offsets(self.meta)
         #: the training images' embedding statistics (:mod:`anatomy_vlm.familiarity`) that grade every
         #: image's ``input_check``; None when the checkpoint has none
-        self.familiarity = Familiarity.from_meta(self.meta)
+        self._familiarity_error = None
+        try:
+            self.familiarity = Familiarity.from_meta(self.meta)
+        except ValueError as e:  # the model still answers; its input_check says why it cannot grade
+            logger.warning("checkpoint %s: unusable familiarity reference (%s)", self.meta.get("path", ""), e)
+            self.familiarity, self._familiarity_error = None, str(e)
         enc = getattr(model, "encoder", None)
         tag = encoder_tag(enc) if enc is not None else "no-encoder"
         self.cache = EmbeddingCache(cache_dir, tag, memory_items=memory_items)
@@ -448,8 +453,9 @@ class Predictor:
         """How far one image is from the training images (its embedding against the checkpoint's
         familiarity reference) plus notes on its DICOM attributes; see :mod:`anatomy_vlm.familiarity`."""
         if self.familiarity is None:
-            out: dict[str, Any] = {"level": "unknown", "message": "this checkpoint has no familiarity reference "
-                                   "(fit one with `anatomy-vlm fit-familiarity`)"}
+            why = (f"its familiarity reference is unusable ({self._familiarity_error})" if self._familiarity_error
+                   else "this checkpoint has no familiarity reference")
+            out: dict[str, Any] = {"level": "unknown", "message": f"{why} (fit one with `anatomy-vlm fit-familiarity`)"}
         else:
             out = self.familiarity.grade(pooled_features(emb, box.resized_size, box.input_size))
         meta = image.meta if isinstance(image, Radiograph) else header_meta(image) if image else {}

@@ -138,3 +138,7 @@ def test_a_checkpoint_without_a_reference_says_so(predictor, tmp_path):
                      cache_dir=predictor.cache.root)
     check = bare.predict(_pydicom_data("RG1_UNCR.dcm")).input_check
     assert check["level"] == "unknown" and "anatomy-vlm fit-familiarity" in check["message"]
+    broken = dict(predictor.meta, familiarity=dict(predictor.meta["familiarity"], precision=[[1.0]]))
+    p = Predictor(predictor.model, broken, cache_dir=predictor.cache.root).predict(_pydicom_data("RG1_UNCR.dcm"))
+    assert len(p.boxes) == 29  # the boxes are still served; the check says why it cannot grade
+    assert p.input_check["level"] == "unknown" and "unusable" in p.input_check["message"]
