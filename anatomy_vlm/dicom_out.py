@@ -167,6 +167,7 @@ def write_seg(pred, image: str | os.PathLike, path: str | os.PathLike, geometry:
         # with plane geometry must state a slice thickness (PS3.3 Pixel Measures, type 1C): 1
         ref.PixelSpacing, ref.SliceThickness = spacing, 1.0
         ref.ImagePositionPatient, ref.ImageOrientationPatient = [0.0, 0.0, 0.0], list(VIEWER_ORIENTATION)
+    description = _tagged(description, pred)
     seg = Segmentation(
         source_images=[ref], pixel_array=arr, segmentation_type="BINARY", segment_descriptions=descriptions,
         series_instance_uid=hd.UID(), series_number=901, sop_instance_uid=hd.UID(), instance_number=1,
@@ -204,6 +205,15 @@ def _save(ds, out: Path) -> None:
     ds.CodingSchemeIdentificationSequence = [scheme]
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic(out, lambda tmp: ds.save_as(tmp, write_like_original=False))
+
+
+def _tagged(description: str, pred) -> str:
+    """``description`` with the image check's warning (:func:`anatomy_vlm.familiarity.series_tag`) appended,
+    so that OHIF's series list shows it; within SeriesDescription's 64 characters."""
+    from .familiarity import series_tag
+
+    tag = series_tag(getattr(pred, "input_check", None))
+    return f"{description}; {tag}"[:64] if tag else description
 
 
 def write_sr(pred, image: str | os.PathLike, path: str | os.PathLike,
@@ -256,7 +266,7 @@ def write_sr(pred, image: str | os.PathLike, path: str | os.PathLike,
                                imaging_measurements=groups)
     sr = ComprehensiveSR(evidence=[src], content=report, series_instance_uid=hd.UID(), series_number=902,
                          sop_instance_uid=hd.UID(), instance_number=1, manufacturer="Anatomy-VLM Label",
-                         series_description="Anatomy-VLM regions and findings (SR)")
+                         series_description=_tagged("Anatomy-VLM regions and findings (SR)", pred))
     out = Path(path)
     _save(sr, out)
     return out

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["FAR_RATIO", "Familiarity", "familiarity_for_checkpoint", "fit_familiarity", "header_meta",
-           "metadata_notes", "pooled_features"]
+           "metadata_notes", "pooled_features", "series_tag"]
 
 FAR_RATIO = 3.5
 """A distance above this many thresholds is "far outside": most likely not a frontal chest radiograph. Chosen
@@ -163,6 +163,15 @@ class Familiarity:
                    "radiograph; its regions are not meaningful")
         return {"level": level, "distance": round(dist, 2), "threshold": round(self.threshold, 2),
                 "ratio": round(ratio, 2), "message": msg}
+
+
+def series_tag(check: dict[str, Any] | None) -> str:
+    """A few words for a DICOM SeriesDescription (64 characters in all), so that a viewer that shows only the
+    series list (OHIF) still warns: ``""`` in range or unknown, ``"unfamiliar image"`` outside the training
+    range, ``"not like a chest film"`` far outside it."""
+    level = (check or {}).get("level")
+    return {"outside the training range": "unfamiliar image",
+            "far outside the training range": "not like a chest film"}.get(level, "")
 
 
 def metadata_notes(meta: dict[str, Any] | None) -> list[str]:

@@ -111,7 +111,10 @@ def test_seg_geometry_source_is_none_and_viewer_is_what_ohif_assumes(written):
     shared = seg.SharedFunctionalGroupsSequence[0]
     assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == list(VIEWER_ORIENTATION)
     assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == [1.0, 1.0]  # the CR's is 0\\0
-    assert "nominal 1 mm grid" in seg.SeriesDescription
+    assert seg.SeriesDescription == "Anatomy-VLM regions (SEG), nominal 1 mm grid; unfamiliar image"  # the check
+    assert written["real"]["pred"].input_check["level"] == "outside the training range"
+    sr = pydicom.dcmread(str(written["real"]["sr"]), stop_before_pixels=True)
+    assert sr.SeriesDescription == "Anatomy-VLM regions and findings (SR); unfamiliar image"
     for f in seg.PerFrameFunctionalGroupsSequence:
         assert [float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient] == [0.0, 0.0, 0.0]
     # one frame of reference per source image, whichever SEG of it
