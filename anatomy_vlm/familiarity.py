@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["FAR_RATIO", "Familiarity", "familiarity_for_checkpoint", "fit_familiarity", "header_meta",
-           "metadata_notes", "pooled_features", "series_tag"]
+__all__ = ["FAR_RATIO", "Familiarity", "familiarity_for_checkpoint", "fit_familiarity", "fit_for_checkpoint",
+           "header_meta", "metadata_notes", "pooled_features", "series_tag"]
 
 FAR_RATIO = 3.5
 """A distance above this many thresholds is "far outside": most likely not a frontal chest radiograph. Chosen
@@ -206,48 +207,63 @@ def header_meta(path: str | os.PathLike) -> dict[str, Any]:
             "view_position": ds.get("ViewPosition")}
 
 
-def familiarity_for_checkpoint(checkpoint: str | os.PathLike, demo_root: str | os.PathLike,
-                               fit_split: str = "train", split: str = "val",
-                               cache_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
-    """Fit the familiarity reference of ``checkpoint`` on a demo build and write it into the checkpoint.
+def fit_for_checkpoint(checkpoint: str | os.PathLike, fit_images: Sequence[str | os.PathLike],
+                       heldout_images: Sequence[str | os.PathLike], cache_dir: str | os.PathLike | None = None,
+                       progress: bool = True, **provenance: Any) -> dict[str, Any]:
+    """Fit the familiarity reference of ``checkpoint`` on any images and write it into the checkpoint
+    (atomically): mean and covariance from ``fit_images`` (its training images), the threshold from
+    ``heldout_images`` (held-out images of the same kind). ``provenance`` is stored with it.
 
     Embeddings come from the predictor's cache (the encoder runs only for images not seen yet). Returns the
     stored dict without its arrays.
+
+    Raises:
+        ValueError: too few images (:func:`fit_familiarity`); ImageReadError: an unreadable image.
+    """
+    from .checkpoint import update_checkpoint_meta
+    from .predict import Predictor
+
+    p = Predictor.from_checkpoint(checkpoint, cache_dir=cache_dir)
+    feats = []
+    for name, images in (("fit", fit_images), ("held out", heldout_images)):
+        it: Any = list(images)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, desc=f"familiarity ({name})", unit="image")
+        rows = []
+        for path in it:
+            emb, box = p.embedding(path)
+            rows.append(pooled_features(emb, box.resized_size, box.input_size))
+        feats.append(np.stack(rows) if rows else np.zeros((0, 1)))
+    ref = fit_familiarity(feats[0], feats[1], **provenance)
+    update_checkpoint_meta(checkpoint, {"familiarity": ref})
+    return {k: v for k, v in ref.items() if k not in ("mean", "precision")}
+
+
+def familiarity_for_checkpoint(checkpoint: str | os.PathLike, demo_root: str | os.PathLike,
+                               fit_split: str = "train", split: str = "val",
+                               cache_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
+    """:func:`fit_for_checkpoint` on two splits of a demo build (``anatomy-vlm fit-familiarity``).
 
     Raises:
         ValueError: ``split`` is the test split (its figures are reported against this reference), or the
             two splits are the same or empty.
     """
     from .box_calibration import shown_path
-    from .checkpoint import update_checkpoint_meta
     from .data import DemoDataset
-    from .predict import Predictor
 
     if "test" in (fit_split, split):
         raise ValueError("fit familiarity on the train and val splits: test is where it is measured")
     if fit_split == split:
         raise ValueError(f"the threshold needs held-out images: fit_split and split are both {split!r}")
-    p = Predictor.from_checkpoint(checkpoint, cache_dir=cache_dir)
-    feats = {}
-    for name in (fit_split, split):
-        ds = DemoDataset(demo_root, name)
-        if len(ds) == 0:
+    ds = {name: DemoDataset(demo_root, name, load_masks=False) for name in (fit_split, split)}
+    for name, d in ds.items():
+        if len(d) == 0:
             raise ValueError(f"{demo_root}: split {name!r} has no studies")
-        paths: Any = [ds.root / e["image"] for e in ds.entries]
-        if progress:
-            from tqdm import tqdm
-
-            paths = tqdm(paths, desc=f"familiarity ({name})", unit="image")
-        rows = []
-        for path in paths:
-            emb, box = p.embedding(path)
-            rows.append(pooled_features(emb, box.resized_size, box.input_size))
-        feats[name] = np.stack(rows)
-    ref = fit_familiarity(feats[fit_split], feats[split], fit_split=fit_split, split=split,
-                          demo_root=shown_path(demo_root),
-                          fingerprint=DemoDataset(demo_root, split).fingerprint(),
-                          command=f"anatomy-vlm fit-familiarity --checkpoint {shown_path(checkpoint)} "
-                                  f"--demo {shown_path(demo_root)} "
-                                  f"--fit-split {fit_split} --split {split}")
-    update_checkpoint_meta(checkpoint, {"familiarity": ref})
-    return {k: v for k, v in ref.items() if k not in ("mean", "precision")}
+    images = {name: [d.root / e["image"] for e in d.entries] for name, d in ds.items()}
+    return fit_for_checkpoint(
+        checkpoint, images[fit_split], images[split], cache_dir=cache_dir, progress=progress,
+        fit_split=fit_split, split=split, demo_root=shown_path(demo_root), fingerprint=ds[split].fingerprint(),
+        command=f"anatomy-vlm fit-familiarity --checkpoint {shown_path(checkpoint)} --demo {shown_path(demo_root)} "
+                f"--fit-split {fit_split} --split {split}")

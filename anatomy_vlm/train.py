@@ -40,9 +40,9 @@ One config file per run (JSON, or YAML if the file ends in .yaml/.yml); every ke
     split, ``"val"``: after training, fit the per-region box calibration on it and store it in the
     checkpoint, :mod:`anatomy_vlm.box_calibration`; demo data and the dense mask head only; a fine-tuned
     checkpoint carries its parent's), ``fit_familiarity`` (``false``, or ``true``: after training, fit the
-    reference that grades how familiar each image looks to the model on the train split, threshold from the
-    val split, :mod:`anatomy_vlm.familiarity`; demo data only; a fine-tuned checkpoint carries its parent's
-    while the encoder stays frozen, and has none when the encoder trained).
+    reference that grades how familiar each image looks to the model on the run's training images, threshold
+    from its validation images, :mod:`anatomy_vlm.familiarity`; any data kind; a fine-tuned checkpoint
+    carries its parent's while the encoder stays frozen, and has none when the encoder trained).
 ``align``
     The language stage after detection (:data:`anatomy_vlm.alignment.ALIGN_DEFAULTS`; ``enabled``,
     ``global_epochs``, ``all_epochs``, ...). With ``init_checkpoint`` and ``epochs: 0`` only this stage
@@ -358,8 +358,6 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
     tc, oc = config["train"], config["output"]
     if oc.get("calibrate_boxes") and config["data"].get("kind", "demo") != "demo":
         raise ValueError("output.calibrate_boxes needs demo data (a split with reference boxes)")
-    if oc.get("fit_familiarity") and config["data"].get("kind", "demo") != "demo":
-        raise ValueError("output.fit_familiarity needs demo data (train and val splits)")
     rank, world = _dist_init()
     torch.manual_seed(tc["seed"] + rank)
     np.random.seed(tc["seed"] + rank)
@@ -570,11 +568,15 @@ def train(config: dict[str, Any], *, resume: bool = False, progress: bool = True
         result["box_calibration"] = {k: v for k, v in cal.items() if k != "offsets"}
         if log:
             log.write(json.dumps({"box_calibration": result["box_calibration"]}) + "\n")
-    if rank == 0 and oc.get("fit_familiarity"):
-        from .familiarity import familiarity_for_checkpoint
+    if rank == 0 and oc.get("fit_familiarity"):  # any data kind: its training and validation images
+        from .familiarity import fit_for_checkpoint
 
-        result["familiarity"] = familiarity_for_checkpoint(oc["checkpoint"], config["data"]["root"],
-                                                           cache_dir=tc.get("cache_dir"), progress=show)
+        result["familiarity"] = fit_for_checkpoint(
+            oc["checkpoint"], [_image_path(train_ds, i) for i in range(len(train_ds))],
+            [_image_path(val_ds, i) for i in range(len(val_ds))], cache_dir=tc.get("cache_dir"), progress=show,
+            fit_split="training images of the run", split="its validation images",
+            data={k: config["data"].get(k) for k in ("kind", "root", "extra_train_roots", "images_root")
+                  if config["data"].get(k)}, command=command)
         if log:
             log.write(json.dumps({"familiarity": result["familiarity"]}) + "\n")
     if log:

@@ -66,14 +66,13 @@ def test_calibrate_boxes_after_training_stores_the_calibration(demo_studies, tmp
     assert cal["split"] == "train" and cal["n_images"] == 4 and len(cal["offsets"]) == 29
     assert summary["box_calibration"]["map_after"] == cal["map_after"]
     fam = meta["familiarity"]  # the embedding reference (anatomy_vlm.familiarity), fitted after training
-    assert (fam["n_train"], fam["n_heldout"], fam["split"]) == (4, 1, "val") and len(fam["mean"]) == 256
+    assert (fam["n_train"], fam["n_heldout"]) == (4, 1) and len(fam["mean"]) == 256
+    assert fam["data"]["kind"] == "demo" and fam["command"] == "test"
     assert fam["threshold"] > 0 and summary["familiarity"]["threshold"] == fam["threshold"]
     with pytest.raises(ValueError, match="calibrate_boxes needs demo data"):
         train(load_config(None, {"data": {"kind": "chest_imagenome", "root": str(tmp_path)},
                                  "output": {"calibrate_boxes": "val"}}), progress=False)
-    with pytest.raises(ValueError, match="fit_familiarity needs demo data"):
-        train(load_config(None, {"data": {"kind": "chest_imagenome", "root": str(tmp_path)},
-                                 "output": {"fit_familiarity": True}}), progress=False)
+
 
 
 def test_resume_continues_from_the_last_epoch(run):
